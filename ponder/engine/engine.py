@@ -1,0 +1,245 @@
+"""LLMEngine: add_request / step / abort — the loop everything else drives."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ponder.config import EngineConfig
+from ponder.engine.detokenizer import init_detokenizer, process_token
+from ponder.engine.kv_cache import BlockPool, KVCacheManager
+from ponder.engine.scheduler import Scheduler, SchedulerOutput
+from ponder.engine.sequence import Request, Sequence, SequenceStatus
+from ponder.layers.sampler import SamplingBatch, sample
+from ponder.model.loader import LoadedModel, load_model
+from ponder.model.runner import ModelRunner
+from ponder.outputs import CompletionOutput, RequestOutput, Usage
+from ponder.sampling_params import SamplingParams
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0            # prompt tokens computed (prefilled)
+    prompt_tokens_cached: int = 0     # prompt tokens reused from the prefix cache
+    recomputed_tokens: int = 0        # generated tokens recomputed after preemption
+    generation_tokens: int = 0
+    steps: int = 0
+    max_batch_seqs: int = 0           # most sequences in one forward
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None):
+        self.config = config = config or EngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        dtype = _DTYPES[config.dtype]
+        self.loaded = loaded or load_model(config.model, config.cache_dir, dtype=dtype)
+        self.model_config = mc = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        if self.loaded.model.rope.cos.shape[0] < self.max_model_len:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's rotary table")
+        num_blocks = config.num_kv_blocks or self._blocks_for_budget(dtype)
+        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool)
+        self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size, dtype)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.eos_token_ids = list(self.tokenizer.eos_token_ids or mc.eos_token_ids)
+        self.vocab_size = mc.vocab_size
+        self.requests: dict[str, Request] = {}
+        self.stats_ = EngineStats()
+        self._seed_rng = random.Random(config.seed)
+        self._ids = itertools.count()
+
+    def _blocks_for_budget(self, dtype) -> int:
+        per_block = ModelRunner.bytes_per_block(self.model_config, self.config.block_size, dtype)
+        budget = int(self.config.kv_cache_memory_gb * (1 << 30)) // per_block
+        useful = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size)
+        return max(1, min(budget, useful))
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
+                    request_id: str | None = None, prompt_token_ids: list[int] | None = None) -> Request:
+        """Queue a request; raises ValueError naming the problem if it cannot be served."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self._prompt_ids(prompt, prompt_token_ids)
+        self._validate_prompt(ids, params)
+        request = Request(request_id, text, ids, params)
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
+        seq = Sequence(request, list(ids), len(ids), index=0, seed=seed)
+        init_detokenizer(seq)
+        request.seqs.append(seq)
+        self.requests[request_id] = request
+        self.scheduler.add(seq)
+        return request
+
+    def _prompt_ids(self, prompt, prompt_token_ids):
+        if prompt_token_ids is not None:
+            return (prompt if isinstance(prompt, str) else None), list(prompt_token_ids)
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt)
+        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 or t >= self.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(ids)} tokens, but the context is {self.max_model_len} tokens "
+                             f"(prompt + at least one generated token)")
+        need = -(-(len(ids) + 1) // self.pool.block_size)
+        if need > self.pool.num_blocks:
+            raise ValueError(f"prompt needs {need} KV blocks but the pool has {self.pool.num_blocks}")
+
+    def abort_request(self, request_id: str) -> bool:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        for seq in request.seqs:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run, sample, post-process. Returns outputs of the requests that progressed."""
+        plan = self.scheduler.schedule()
+        touched = {seq.request for seq in plan.failed + plan.out_of_blocks}
+        for seq in plan.failed:
+            self._fail(seq.request, f"prompt of {seq.num_tokens} tokens does not fit in the KV cache")
+        for seq in plan.out_of_blocks:
+            seq.finish_reason = "length"
+        if plan.chunks:
+            touched.update(self._run(plan))
+        outputs = [self._output(r) for r in touched]
+        for r in touched:
+            if r.finished:
+                self.requests.pop(r.request_id, None)
+        return outputs
+
+    def _run(self, plan: SchedulerOutput) -> set[Request]:
+        self.runner.copy_blocks(plan.block_copies)
+        chunks, rows = [], []
+        for i, ch in enumerate(plan.chunks):
+            seq, start = ch.seq, ch.seq.num_computed_tokens
+            chunks.append((seq.token_ids[start:start + ch.num_tokens], start, seq.block_table))
+            if ch.samples:
+                rows.append(i)
+        logits = self.runner.execute(chunks, rows)
+        self._account(plan)
+        sampled = [plan.chunks[i].seq for i in rows]
+        sampled, logits = self._fork_new_groups(sampled, logits)
+        out = sample(logits, SamplingBatch.build(sampled, self.vocab_size, self.eos_token_ids))
+        now = time.monotonic()
+        for seq, token, logprob in zip(sampled, out.token_ids, out.logprobs):
+            if seq.request.first_token_time is None:
+                seq.request.first_token_time = now
+            if logprob is not None:
+                seq.logprobs = (seq.logprobs or []) + [logprob]
+            process_token(seq, token, self.tokenizer, self.eos_token_ids, self.max_model_len)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+        self.stats_.generation_tokens += len(sampled)
+        return {ch.seq.request for ch in plan.chunks}
+
+    def _account(self, plan: SchedulerOutput) -> None:
+        st = self.stats_
+        st.steps += 1
+        st.max_batch_seqs = max(st.max_batch_seqs, len(plan.chunks))
+        for seq, hit in plan.prefix_hits:
+            cached = min(hit, seq.num_prompt_tokens)
+            st.prompt_tokens_cached += cached
+            seq.request.num_cached_tokens = max(seq.request.num_cached_tokens, cached)
+        for ch in plan.chunks:
+            seq = ch.seq
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + ch.num_tokens
+            prompt_part = max(0, min(end, seq.num_prompt_tokens) - start)
+            st.prompt_tokens += prompt_part
+            st.recomputed_tokens += max(0, min(end, seq.num_tokens - 1) - max(start, seq.num_prompt_tokens))
+            seq.num_computed_tokens = end
+            self.kv.commit_computed(seq)
+
+    def _fork_new_groups(self, seqs: list[Sequence], logits: torch.Tensor):
+        """A request with n > 1 forks its prompt sequence at the first sample: children share its KV."""
+        if all(s.request.params.n == 1 or len(s.request.seqs) > 1 for s in seqs):
+            return seqs, logits
+        rows, expanded = [], []
+        for i, seq in enumerate(seqs):
+            rows.append(i)
+            expanded.append(seq)
+            request = seq.request
+            if request.params.n > 1 and len(request.seqs) == 1:
+                for child in self.fork(seq, request.params.n - 1):
+                    rows.append(i)
+                    expanded.append(child)
+        return expanded, logits[torch.tensor(rows)]
+
+    def fork(self, seq: Sequence, n: int) -> list[Sequence]:
+        """n children of `seq` sharing all its blocks (copy-on-write), scheduled alongside it."""
+        children = []
+        request = seq.request
+        for _ in range(n):
+            index = len(request.seqs)
+            child = Sequence(request, list(seq.token_ids), seq.num_prompt_tokens, index=index,
+                             seed=hash((seq.seed, index)) & 0xFFFFFFFF,
+                             text=seq.text, prefix_offset=seq.prefix_offset, read_offset=seq.read_offset,
+                             logprobs=list(seq.logprobs) if seq.logprobs is not None else None)
+            self.kv.fork(seq, child)
+            request.seqs.append(child)
+            if seq.status is SequenceStatus.RUNNING:
+                self.scheduler.resume(child)
+            else:
+                child.status = seq.status
+            children.append(child)
+        return children
+
+    def _fail(self, request: Request, message: str) -> None:
+        request.error = message
+        for seq in request.seqs:
+            if seq.finish_reason is None:
+                seq.finish_reason = "error"
+            if not seq.finished:
+                self.scheduler.finish(seq)
+
+    # -- outputs and stats -----------------------------------------------------------------
+    def _output(self, request: Request) -> RequestOutput:
+        outs = [CompletionOutput(s.index, s.text, s.output_token_ids, s.finish_reason, s.stop_reason,
+                                 list(s.logprobs) if s.logprobs is not None else None)
+                for s in request.seqs]
+        usage = Usage(len(request.prompt_token_ids), sum(len(o.token_ids) for o in outs),
+                      request.num_cached_tokens)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs,
+                             request.finished, request.error, usage)
+
+    def stats(self) -> dict:
+        st = self.stats_
+        return {
+            "kv_blocks_total": self.pool.num_blocks,
+            "kv_blocks_free": self.pool.num_free,
+            "kv_blocks_cached": self.pool.num_cached,
+            "prompt_tokens": st.prompt_tokens,
+            "prompt_tokens_cached": st.prompt_tokens_cached,
+            "recomputed_tokens": st.recomputed_tokens,
+            "generation_tokens": st.generation_tokens,
+            "preemptions": self.scheduler.num_preemptions,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "steps": st.steps,
+            "max_batch_seqs": st.max_batch_seqs,
+        }

@@ -1,0 +1,207 @@
+"""The sampler, vectorized over the batch.
+
+Order of operations (as in vLLM): logit_bias and min_tokens masks, repetition / frequency /
+presence penalties, then greedy argmax, or temperature -> top-k -> top-p -> min-p -> a draw.
+
+The draw is an exponential race (argmax of p / E with E ~ Exp(1)), where the noise E for
+(row, token) is a hash of the sequence's seed, the index of the token being generated and the
+token id. So a seeded sequence draws the same tokens whatever else is in the batch, after
+preemption, and after a fork (children get seeds of their own).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ponder.outputs import Logprob
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters as tensors, built once per step from the scheduled sequences."""
+
+    temperature: torch.Tensor      # [B] (0 = greedy)
+    top_k: torch.Tensor            # [B] long, vocab size when disabled
+    top_p: torch.Tensor            # [B]
+    min_p: torch.Tensor            # [B]
+    seeds: torch.Tensor            # [B] int64 in [0, 2^32)
+    steps: torch.Tensor            # [B] int64: index of the token being generated
+    all_greedy: bool
+    use_top_k: bool
+    use_top_p: bool
+    use_min_p: bool
+    # penalties: None when no row uses them
+    frequency: torch.Tensor | None = None
+    presence: torch.Tensor | None = None
+    repetition: torch.Tensor | None = None
+    output_tokens: list[list[int]] | None = None
+    prompt_tokens: list[list[int]] | None = None
+    # sparse per-row edits: (row, token ids, values)
+    logit_bias: list[tuple[int, list[int], list[float]]] | None = None
+    banned: list[tuple[int, list[int]]] | None = None   # stop tokens before min_tokens
+    logprobs: list[int] | None = None                    # per row: top alternatives wanted, -1 = none
+
+    @classmethod
+    def build(cls, rows: list, vocab_size: int, eos_token_ids: list[int]) -> "SamplingBatch":
+        """`rows`: one `Sequence` per sampled row."""
+        temps, top_k, top_p, min_p, seeds, steps = [], [], [], [], [], []
+        freq, pres, rep = [], [], []
+        bias, banned, logprobs = [], [], []
+        for i, seq in enumerate(rows):
+            p = seq.params
+            temps.append(p.temperature)
+            top_k.append(p.top_k if p.top_k > 0 else vocab_size)
+            top_p.append(p.top_p)
+            min_p.append(p.min_p)
+            seeds.append(seq.seed & _MASK32)
+            steps.append(seq.num_output_tokens)
+            freq.append(p.frequency_penalty)
+            pres.append(p.presence_penalty)
+            rep.append(p.repetition_penalty)
+            if p.logit_bias:
+                ids = [t for t in p.logit_bias if 0 <= t < vocab_size]
+                bias.append((i, ids, [p.logit_bias[t] for t in ids]))
+            if seq.num_output_tokens < p.min_tokens:
+                stop_ids = list(p.stop_token_ids or []) + ([] if p.ignore_eos else list(eos_token_ids))
+                if stop_ids:
+                    banned.append((i, stop_ids))
+            logprobs.append(-1 if p.logprobs is None else p.logprobs)
+        greedy = all(t == 0.0 for t in temps)
+        sampled = [j for j, t in enumerate(temps) if t > 0]
+        use_pen = any(freq) or any(pres) or any(r != 1.0 for r in rep)
+        return cls(
+            temperature=torch.tensor(temps, dtype=torch.float32),
+            top_k=torch.tensor(top_k, dtype=torch.long),
+            top_p=torch.tensor(top_p, dtype=torch.float32),
+            min_p=torch.tensor(min_p, dtype=torch.float32),
+            seeds=torch.tensor(seeds, dtype=torch.long),
+            steps=torch.tensor(steps, dtype=torch.long),
+            all_greedy=greedy,
+            use_top_k=any(top_k[j] < vocab_size for j in sampled),
+            use_top_p=any(top_p[j] < 1.0 for j in sampled),
+            use_min_p=any(min_p[j] > 0.0 for j in sampled),
+            frequency=torch.tensor(freq, dtype=torch.float32) if use_pen else None,
+            presence=torch.tensor(pres, dtype=torch.float32) if use_pen else None,
+            repetition=torch.tensor(rep, dtype=torch.float32) if use_pen else None,
+            output_tokens=[s.output_token_ids for s in rows] if use_pen else None,
+            prompt_tokens=[s.token_ids[:s.num_prompt_tokens] for s in rows] if use_pen else None,
+            logit_bias=bias or None,
+            banned=banned or None,
+            logprobs=logprobs if any(k >= 0 for k in logprobs) else None,
+        )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[Logprob | None]
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    logits = logits.float()
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.logprobs is not None else None
+    logits = apply_logit_edits(logits, batch)
+    logits = apply_penalties(logits, batch)
+    if batch.all_greedy:
+        tokens = logits.argmax(dim=-1)
+    else:
+        greedy_tokens = logits.argmax(dim=-1)
+        probs = sampling_probs(logits, batch)
+        drawn = (probs / exponential_noise(batch.seeds, batch.steps, logits.shape[-1])).argmax(dim=-1)
+        tokens = torch.where(batch.temperature == 0, greedy_tokens, drawn)
+    token_list = tokens.tolist()
+    return SamplerOutput(token_list, gather_logprobs(raw_logprobs, tokens, batch.logprobs))
+
+
+def apply_logit_edits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    if batch.logit_bias is None and batch.banned is None:
+        return logits
+    logits = logits.clone()
+    for row, ids, values in batch.logit_bias or ():
+        logits[row, ids] += torch.tensor(values)
+    for row, ids in batch.banned or ():
+        logits[row, ids] = float("-inf")
+    return logits
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """OpenAI rule for frequency/presence (on generated tokens); HF/vLLM rule for repetition."""
+    if batch.frequency is None:
+        return logits
+    b, v = logits.shape
+    counts = _token_counts(batch.output_tokens, b, v)
+    seen = (counts > 0) | (_token_counts(batch.prompt_tokens, b, v) > 0)
+    rep = batch.repetition[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - batch.frequency[:, None] * counts - batch.presence[:, None] * (counts > 0)
+
+
+def _token_counts(token_lists: list[list[int]], rows: int, vocab: int) -> torch.Tensor:
+    counts = torch.zeros(rows, vocab)
+    row_idx = [r for r, toks in enumerate(token_lists) for _ in toks]
+    if row_idx:
+        flat = [t for toks in token_lists for t in toks]
+        counts.index_put_((torch.tensor(row_idx), torch.tensor(flat)), torch.ones(len(flat)), accumulate=True)
+    return counts
+
+
+def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Probabilities after temperature, top-k, top-p and min-p (greedy rows get temperature 1)."""
+    temp = torch.where(batch.temperature > 0, batch.temperature, torch.ones_like(batch.temperature))
+    logits = logits / temp[:, None]
+    if batch.use_top_k or batch.use_top_p:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        if batch.use_top_k:
+            ranks = torch.arange(logits.shape[-1])[None, :]
+            sorted_logits = sorted_logits.masked_fill(ranks >= batch.top_k[:, None], float("-inf"))
+        if batch.use_top_p:
+            sorted_probs = sorted_logits.softmax(dim=-1)
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            sorted_logits = sorted_logits.masked_fill(mass_before > batch.top_p[:, None], float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    if batch.use_min_p:
+        threshold = batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finalizer on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise [B, V], a pure function of (seed, step, token id)."""
+    row_key = _mix32(_mix32(seeds) ^ (steps & _MASK32))[:, None]
+    token_key = (torch.arange(vocab, dtype=torch.long) * 0x9E3779B9) & _MASK32
+    bits = _mix32(row_key ^ token_key[None, :])
+    uniform = (bits.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)
+    return (-torch.log(uniform)).to(torch.float32)
+
+
+def gather_logprobs(raw_logprobs: torch.Tensor | None, tokens: torch.Tensor,
+                    wanted: list[int] | None) -> list[Logprob | None]:
+    if raw_logprobs is None or wanted is None:
+        return [None] * tokens.shape[0]
+    k = max(wanted)
+    chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    top_vals, top_ids = raw_logprobs.topk(k, dim=-1) if k > 0 else (None, None)
+    out: list[Logprob | None] = []
+    for row, want in enumerate(wanted):
+        if want < 0:
+            out.append(None)
+            continue
+        top = {}
+        if want > 0:
+            top = dict(zip(top_ids[row, :want].tolist(), top_vals[row, :want].tolist()))
+        out.append(Logprob(int(tokens[row]), chosen[row], top))
+    return out

@@ -1,0 +1,103 @@
+"""The offline facade: LLM(model).generate(prompts) / .chat(messages) / .stats()."""
+
+from __future__ import annotations
+
+from typing import Sequence as Seq
+
+from tqdm.auto import tqdm
+
+from ponder.config import EngineConfig
+from ponder.engine.engine import LLMEngine
+from ponder.outputs import CompletionOutput, RequestOutput
+from ponder.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """An engine for offline use. `model=None` runs the packaged default (SmolLM2-135M-Instruct)."""
+
+    def __init__(self, model: str | None = None, **engine_options):
+        self.engine = LLMEngine(EngineConfig.from_options(model, **engine_options))
+        self.tokenizer = self.engine.tokenizer
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> "LLM":
+        llm = cls.__new__(cls)
+        llm.engine, llm.tokenizer = engine, engine.tokenizer
+        return llm
+
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Generate for each prompt; outputs come back in input order.
+
+        A prompt that cannot be served (empty, longer than the context) gets an output with
+        `.error` set and finish_reason "error"; the other prompts still complete.
+        """
+        prompts = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompts))
+        results: dict[str, RequestOutput] = {}
+        order = []
+        for prompt, p in zip(prompts, params):
+            try:
+                request = self.engine.add_request(prompt, p)
+                order.append(request.request_id)
+            except ValueError as e:
+                rid = f"failed-{len(order)}"
+                order.append(rid)
+                results[rid] = _error_output(rid, prompt, p, str(e))
+        pending = len(prompts) - len(results)
+        show = use_tqdm if use_tqdm is not None else pending >= 16
+        bar = tqdm(total=pending, desc="generate", unit="req", disable=not show)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        bar.update(1)
+        finally:
+            bar.close()
+            for rid in order:      # interrupted: do not leave requests holding blocks
+                if rid not in results:
+                    self.engine.abort_request(rid)
+        return [results[rid] for rid in order]
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of messages) or a list of conversations."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.engine.tokenizer.encode(
+            self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt),
+            add_special_tokens=False) for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]
+    return prompts
+
+
+def _as_params_list(params, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"got {len(params)} sampling params for {count} prompts")
+    return params
+
+
+def _error_output(rid: str, prompt, params: SamplingParams, message: str) -> RequestOutput:
+    outs = [CompletionOutput(i, "", [], finish_reason="error") for i in range(params.n)]
+    return RequestOutput(rid, prompt if isinstance(prompt, str) else None,
+                         prompt if isinstance(prompt, list) else [], outs, finished=True, error=message)

@@ -1,0 +1,100 @@
+"""ModelRunner: owns the KV cache tensors; turns scheduled chunks into one flat batch and runs it.
+
+Per step it builds token ids, positions, the slot each token writes, and for the two attention
+groups (decodes, prefill chunks) the padded query rows, the context slots and the causal mask —
+with numpy/torch ops over the batch, not Python loops over tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ponder.layers.attention import AttentionGroup, AttentionMetadata
+from ponder.model.llama import LlamaForCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
+                 dtype: torch.dtype = torch.float32):
+        cfg = model.config
+        self.model = model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        # [layers, k/v, slots, kv_heads, head_dim]; one tensor so a block copy covers all layers.
+        self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks * block_size, cfg.num_kv_heads,
+                                    cfg.head_dim, dtype=dtype)
+        self.kv_caches = [self.kv_cache[i] for i in range(cfg.num_layers)]
+
+    @staticmethod
+    def bytes_per_block(model_config, block_size: int, dtype: torch.dtype = torch.float32) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return model_config.num_layers * 2 * block_size * model_config.num_kv_heads * model_config.head_dim * elem
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        bs = self.block_size
+        src = torch.tensor([s for s, _ in copies])
+        dst = torch.tensor([d for _, d in copies])
+        offs = torch.arange(bs)
+        src_slots = (src[:, None] * bs + offs).reshape(-1)
+        dst_slots = (dst[:, None] * bs + offs).reshape(-1)
+        self.kv_cache[:, :, dst_slots] = self.kv_cache[:, :, src_slots]
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[tuple[list[int], int, list[int]]], sample_rows: list[int]) -> torch.Tensor:
+        """Run one step.
+
+        chunks: per sequence (tokens to compute, position of the first of them, block table).
+        sample_rows: indices into `chunks` whose last token's logits are wanted.
+        Returns logits [len(sample_rows), vocab].
+        """
+        input_ids, positions, meta, last_rows = self.prepare(chunks)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        return self.model.compute_logits(hidden[last_rows[sample_rows]])
+
+    def prepare(self, chunks):
+        bs = self.block_size
+        lengths = np.array([len(toks) for toks, _, _ in chunks], dtype=np.int64)
+        starts = np.array([start for _, start, _ in chunks], dtype=np.int64)
+        input_ids = torch.tensor([t for toks, _, _ in chunks for t in toks], dtype=torch.long)
+        offsets = np.concatenate(([0], np.cumsum(lengths)))
+        seq_of_token = np.repeat(np.arange(len(chunks)), lengths)
+        pos = starts[seq_of_token] + (np.arange(offsets[-1]) - offsets[seq_of_token])
+        max_blocks = max(len(bt) for _, _, bt in chunks)
+        tables = np.zeros((len(chunks), max_blocks), dtype=np.int64)
+        for i, (_, _, bt) in enumerate(chunks):
+            tables[i, :len(bt)] = bt
+        slot_mapping = tables[seq_of_token, pos // bs] * bs + pos % bs
+        groups = []
+        decode = np.flatnonzero(lengths == 1)
+        prefill = np.flatnonzero(lengths > 1)
+        for members in (decode, prefill):
+            if len(members):
+                groups.append(self._group(members, lengths, starts, offsets, tables))
+        meta = AttentionMetadata(torch.from_numpy(slot_mapping), groups)
+        last_rows = torch.from_numpy(offsets[1:] - 1)
+        return input_ids, torch.from_numpy(pos), meta, last_rows
+
+    def _group(self, members, lengths, starts, offsets, tables) -> AttentionGroup:
+        bs = self.block_size
+        lq = int(lengths[members].max())
+        ctx = starts[members] + lengths[members]                  # context length after this step
+        c = int(ctx.max())
+        q_off = np.arange(lq)[None, :]
+        q_valid = q_off < lengths[members][:, None]
+        query_index = offsets[members][:, None] + np.where(q_valid, q_off, 0)
+        key_pos = np.arange(c)
+        kv_slots = tables[members][:, key_pos // bs] * bs + key_pos % bs
+        q_pos = starts[members][:, None] + q_off                  # [B, Lq]
+        mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < ctx[:, None, None])
+        kv_slots = np.where(key_pos[None, :] < ctx[:, None], kv_slots, 0)
+        flat_valid = np.flatnonzero(q_valid.reshape(-1))
+        return AttentionGroup(
+            query_index=torch.from_numpy(query_index),
+            kv_slots=torch.from_numpy(kv_slots),
+            mask=torch.from_numpy(mask[:, None]),
+            out_index=torch.from_numpy(query_index.reshape(-1)[flat_valid]),
+            out_select=torch.from_numpy(flat_valid),
+        )

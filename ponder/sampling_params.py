@@ -1,0 +1,100 @@
+"""SamplingParams: what to generate and how, validated at construction.
+
+Names and meanings follow vLLM's SamplingParams and the OpenAI API.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1            # -1 (or 0) disables
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    stop_strings: tuple[str, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_int(self.n, "n", low=1)
+        _check_number(self.temperature, "temperature", low=0.0)
+        _check_number(self.top_p, "top_p", low=0.0, high=1.0)
+        if self.top_p == 0.0:
+            raise ValueError("top_p must be in (0, 1], got 0")
+        _check_int(self.top_k, "top_k", low=-1)
+        _check_number(self.min_p, "min_p", low=0.0, high=1.0)
+        _check_number(self.presence_penalty, "presence_penalty", low=-2.0, high=2.0)
+        _check_number(self.frequency_penalty, "frequency_penalty", low=-2.0, high=2.0)
+        _check_number(self.repetition_penalty, "repetition_penalty", low=0.0)
+        if self.repetition_penalty == 0.0:
+            raise ValueError("repetition_penalty must be > 0, got 0")
+        if self.seed is not None:
+            _check_int(self.seed, "seed")
+        if self.max_tokens is not None:
+            _check_int(self.max_tokens, "max_tokens", low=1)
+        _check_int(self.min_tokens, "min_tokens", low=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        if self.logprobs is not None:
+            _check_int(self.logprobs, "logprobs", low=0, high=20)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError("logit_bias must be a dict of token id -> bias")
+            bias = {}
+            for key, value in self.logit_bias.items():
+                try:
+                    token = int(key)
+                except (TypeError, ValueError):
+                    raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+                _check_number(value, f"logit_bias[{key}]", low=-100.0, high=100.0)
+                bias[token] = float(value)
+            self.logit_bias = bias
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        for s in stops:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop must be a non-empty string or a list of them, got {s!r}")
+        self.stop_strings = tuple(stops)
+        if self.stop_token_ids is not None:
+            for t in self.stop_token_ids:
+                _check_int(t, "stop_token_ids", low=0)
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _check_int(value, name: str, low: int | None = None, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+
+
+def _check_number(value, name: str, low: float | None = None, high: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")

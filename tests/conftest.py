@@ -1,0 +1,98 @@
+"""Shared fixtures: a tiny random-weight Llama with a byte-level tokenizer (fast, any shape),
+and the packaged default model (real weights, loaded once per test session)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from ponder.config import EngineConfig
+from ponder.engine.engine import LLMEngine
+from ponder.llm import LLM
+from ponder.model.config import ModelConfig
+from ponder.model.llama import LlamaForCausalLM
+from ponder.model.loader import LoadedModel
+from ponder.model.tokenizer import Tokenizer
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_byte_tokenizer(folder: str) -> None:
+    """A byte-level BPE tokenizer with no merges: token i < 256 is byte i (GPT-2 byte mapping)."""
+    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_to_char = sorted(alphabet, key=lambda ch: _gpt2_byte(ch))
+    vocab = {ch: i for i, ch in enumerate(byte_to_char)}
+    tok = HFTok(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    json.dump({"eos_token": "<|im_end|>", "bos_token": None, "chat_template": CHAT_TEMPLATE},
+              open(os.path.join(folder, "tokenizer_config.json"), "w"))
+
+
+def _gpt2_byte(ch: str) -> int:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(cs, bs))[ord(ch)]
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(architecture="llama", vocab_size=260, hidden_size=64, intermediate_size=128, num_layers=2,
+                num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5,
+                max_position_embeddings=512, tie_word_embeddings=True, eos_token_ids=[258])
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def tiny_model(cfg: ModelConfig, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg, cfg.max_position_embeddings)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.5 if "embed" in name else 0.15)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer_dir(tmp_path_factory) -> str:
+    folder = str(tmp_path_factory.mktemp("byte_tokenizer"))
+    write_byte_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture
+def make_tiny_engine(byte_tokenizer_dir):
+    """Factory: a real LLMEngine over a tiny random Llama; engine options as keyword arguments."""
+
+    def make(model_overrides: dict | None = None, **options) -> LLMEngine:
+        cfg = tiny_config(**(model_overrides or {}))
+        loaded = LoadedModel(tiny_model(cfg), cfg, Tokenizer(byte_tokenizer_dir, cfg.eos_token_ids), "tiny")
+        options.setdefault("num_kv_blocks", 256)
+        options.setdefault("block_size", 4)
+        return LLMEngine(EngineConfig(model="tiny", **options), loaded=loaded)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def default_llm() -> LLM:
+    """The packaged default model (SmolLM2-135M-Instruct), loaded once."""
+    return LLM(num_kv_blocks=1024)

@@ -1,0 +1,140 @@
+"""Each sampling parameter does what its name says (unit tests on synthetic logits)."""
+
+import math
+
+import pytest
+import torch
+
+from ponder import SamplingParams
+from ponder.engine.sequence import Request, Sequence
+from ponder.layers.sampler import SamplingBatch, apply_penalties, sample, sampling_probs
+
+V = 50
+
+
+def _rows(params_list, outputs=None, seeds=None):
+    rows = []
+    for i, p in enumerate(params_list):
+        prompt = [1, 2, 3]
+        out = (outputs or {}).get(i, [])
+        req = Request(str(i), None, prompt, p)
+        rows.append(Sequence(req, prompt + out, len(prompt), index=0, seed=(seeds or {}).get(i, 1234 + i)))
+    return rows
+
+
+def _batch(params_list, **kw):
+    return SamplingBatch.build(_rows(params_list, **kw), V, eos_token_ids=[0])
+
+
+def _logits(rows=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, V, generator=g) * 3
+
+
+def test_top_k_1_equals_greedy():
+    logits = _logits(8)
+    sp = [SamplingParams(temperature=1.5, top_k=1, seed=i) for i in range(8)]
+    assert sample(logits, _batch(sp)).token_ids == logits.argmax(-1).tolist()
+
+
+def test_greedy_is_argmax():
+    logits = _logits(4)
+    assert sample(logits, _batch([SamplingParams(temperature=0)] * 4)).token_ids == logits.argmax(-1).tolist()
+
+
+def test_logit_bias_minus_100_never_appears():
+    logits = torch.zeros(1, V)
+    logits[0, 7] = 10.0      # by far the most likely token
+    for seed in range(50):
+        sp = SamplingParams(temperature=1.0, seed=seed, logit_bias={7: -100})
+        assert sample(logits, _batch([sp])).token_ids[0] != 7
+    forced = SamplingParams(temperature=1.0, seed=1, logit_bias={3: 100})
+    assert sample(torch.zeros(1, V), _batch([forced])).token_ids[0] == 3
+
+
+def test_seed_reproduces_and_differs():
+    logits = _logits(1) / 3
+    draws = lambda s: [sample(logits, _batch([SamplingParams(temperature=1.0, seed=s)], seeds={0: s})).token_ids[0]
+                       for _ in range(3)]
+    assert len(set(draws(5))) == 1
+    many = {sample(logits, _batch([SamplingParams(temperature=1.0)], seeds={0: s})).token_ids[0] for s in range(40)}
+    assert len(many) > 3
+
+
+def test_sampling_matches_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2] + [1e-9] * (V - 3)]))
+    counts = torch.zeros(V)
+    for s in range(3000):
+        tok = sample(logits, _batch([SamplingParams(temperature=1.0)], seeds={0: s})).token_ids[0]
+        counts[tok] += 1
+    freq = counts[:3] / counts.sum()
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.04)
+
+
+def test_top_p_limits_support():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1] + [0.0] * (V - 4)) + 1e-12
+    logits = probs.log()[None]
+    p = sampling_probs(logits, _batch([SamplingParams(temperature=1.0, top_p=0.65)]))
+    support = set(torch.nonzero(p[0] > 0).flatten().tolist())
+    assert support == {0, 1}          # 0.4 + 0.3 reaches 0.65; the rest is cut
+    p = sampling_probs(logits, _batch([SamplingParams(temperature=1.0, top_p=0.75)]))
+    assert set(torch.nonzero(p[0] > 0).flatten().tolist()) == {0, 1, 2}
+
+
+def test_min_p_limits_support():
+    probs = torch.tensor([0.5, 0.3, 0.1, 0.06] + [0.04 / (V - 4)] * (V - 4))
+    p = sampling_probs(probs.log()[None], _batch([SamplingParams(temperature=1.0, min_p=0.25)]))
+    assert set(torch.nonzero(p[0] > 0).flatten().tolist()) == {0, 1}   # >= 0.25 * 0.5
+
+
+def test_top_k_limits_support():
+    p = sampling_probs(_logits(1), _batch([SamplingParams(temperature=1.0, top_k=5)]))
+    assert int((p[0] > 0).sum()) == 5
+
+
+def test_frequency_and_presence_penalties_follow_openai_rule():
+    logits = _logits(1)
+    out = [4, 4, 4, 9]
+    sp = SamplingParams(temperature=1.0, frequency_penalty=0.5, presence_penalty=0.25)
+    got = apply_penalties(logits, _batch([sp], outputs={0: out}))
+    expect = logits.clone()
+    expect[0, 4] -= 3 * 0.5 + 0.25
+    expect[0, 9] -= 1 * 0.5 + 0.25
+    torch.testing.assert_close(got, expect)
+
+
+def test_repetition_penalty_divides_positive_multiplies_negative():
+    logits = torch.zeros(1, V)
+    logits[0, 2], logits[0, 5] = 2.0, -2.0        # 2 is in the prompt, 5 in the output
+    got = apply_penalties(logits, _batch([SamplingParams(repetition_penalty=2.0)], outputs={0: [5]}))
+    assert got[0, 2] == 1.0 and got[0, 5] == -4.0 and got[0, 10] == 0.0
+
+
+def test_min_tokens_masks_eos():
+    logits = torch.zeros(1, V)
+    logits[0, 0] = 50.0     # eos is overwhelmingly likely
+    sp = SamplingParams(temperature=0, min_tokens=3)
+    assert sample(logits, _batch([sp])).token_ids[0] != 0
+    assert sample(logits, _batch([sp], outputs={0: [5, 6, 7]})).token_ids[0] == 0
+
+
+def test_logprobs_with_top_alternatives():
+    logits = _logits(2)
+    out = sample(logits, _batch([SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0)]))
+    lp = out.logprobs[0]
+    ref = torch.log_softmax(logits[0], -1)
+    assert lp.token_id == out.token_ids[0]
+    assert math.isclose(lp.logprob, ref[lp.token_id].item(), rel_tol=1e-5)
+    assert list(lp.top) == ref.topk(3).indices.tolist()
+    assert out.logprobs[1] is None
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 2.0), ("n", 0),
+    ("max_tokens", 0), ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("repetition_penalty", 0.0),
+    ("logprobs", 21), ("seed", "x"), ("stop", [""]), ("logit_bias", {"a": 1}), ("min_tokens", -1),
+    ("temperature", float("nan")), ("ignore_eos", "yes"),
+])
+def test_invalid_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field.split("_")[0]):
+        SamplingParams(**{field: value})
