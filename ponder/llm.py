@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence as Seq
+from typing import Iterator, Sequence as Seq
 
 from tqdm.auto import tqdm
 
@@ -63,14 +63,36 @@ class LLM:
                     self.engine.abort_request(rid)
         return [results[rid] for rid in order]
 
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the text of one completion as it is generated (n must be 1)."""
+        params = sampling_params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("stream() generates one completion; n must be 1")
+        request = self.engine.add_request(prompt, params)
+        sent = 0
+        try:
+            while not request.finished:
+                self.engine.step()
+                text = request.seqs[0].text
+                if len(text) > sent:
+                    yield text[sent:]
+                    sent = len(text)
+        finally:
+            if not request.finished:
+                self.engine.abort_request(request.request_id)
+            self.engine.requests.pop(request.request_id, None)
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
              use_tqdm: bool | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of messages) or a list of conversations."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.engine.tokenizer.encode(
-            self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt),
-            add_special_tokens=False) for conv in conversations]
+        prompts = [self.chat_prompt(conv, add_generation_prompt) for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def stats(self) -> dict:

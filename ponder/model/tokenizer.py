@@ -10,7 +10,7 @@ import json
 import os
 from datetime import datetime
 
-import jinja2
+import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
