@@ -21,8 +21,8 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
-        # [layers, k/v, slots, kv_heads, head_dim]; one tensor so a block copy covers all layers.
-        self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks * block_size, cfg.num_kv_heads,
+        # [layers, k/v, blocks, block_size, kv_heads, head_dim]; one tensor so a block copy covers all layers.
+        self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads,
                                     cfg.head_dim, dtype=dtype)
         self.kv_caches = [self.kv_cache[i] for i in range(cfg.num_layers)]
 
@@ -34,13 +34,9 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
-        bs = self.block_size
         src = torch.tensor([s for s, _ in copies])
         dst = torch.tensor([d for _, d in copies])
-        offs = torch.arange(bs)
-        src_slots = (src[:, None] * bs + offs).reshape(-1)
-        dst_slots = (dst[:, None] * bs + offs).reshape(-1)
-        self.kv_cache[:, :, dst_slots] = self.kv_cache[:, :, src_slots]
+        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     @torch.inference_mode()
     def execute(self, chunks: list[tuple[list[int], int, list[int]]], sample_rows: list[int]) -> torch.Tensor:
@@ -81,19 +77,17 @@ class ModelRunner:
         bs = self.block_size
         lq = int(lengths[members].max())
         ctx = starts[members] + lengths[members]                  # context length after this step
-        c = int(ctx.max())
+        nb = int(-(-ctx.max() // bs))
         q_off = np.arange(lq)[None, :]
         q_valid = q_off < lengths[members][:, None]
         query_index = offsets[members][:, None] + np.where(q_valid, q_off, 0)
-        key_pos = np.arange(c)
-        kv_slots = tables[members][:, key_pos // bs] * bs + key_pos % bs
+        key_pos = np.arange(nb * bs)
         q_pos = starts[members][:, None] + q_off                  # [B, Lq]
         mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < ctx[:, None, None])
-        kv_slots = np.where(key_pos[None, :] < ctx[:, None], kv_slots, 0)
         flat_valid = np.flatnonzero(q_valid.reshape(-1))
         return AttentionGroup(
-            query_index=torch.from_numpy(query_index),
-            kv_slots=torch.from_numpy(kv_slots),
+            query_index=torch.from_numpy(query_index.reshape(-1)),
+            block_tables=torch.from_numpy(np.ascontiguousarray(tables[members][:, :nb]).reshape(-1)),
             mask=torch.from_numpy(mask[:, None]),
             out_index=torch.from_numpy(query_index.reshape(-1)[flat_valid]),
             out_select=torch.from_numpy(flat_valid),
