@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.ponder-installed
 
-.PHONY: run chat serve test test-fast install models clean peers
+.PHONY: run chat serve test test-fast install models clean peers bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test-fast: $(STAMP)
 # llama.cpp's llama-server as a CPU-only benchmark peer, built from the llama-cpp-python sdist into .peers/bin/.
 peers:
 	bash scripts/build_llama_server.sh
+
+# The offline comparison with both peers (docs/benchmarks.md has the rest: serve, roofline, tune, costmodel).
+bench: $(STAMP) peers
+	$(PY) -m ponder.cli bench throughput --workload offline-64 --peer hf --peer llama.cpp \
+		--output benchmarks/results/offline64.json
 
 clean:
 	rm -rf $(VENV)

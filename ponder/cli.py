@@ -1,8 +1,10 @@
-"""The `ponder` command: generate, chat (and serve, bench, think as they land)."""
+"""The `ponder` command: generate, chat, serve (and bench, think as they land)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 
@@ -77,6 +79,34 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from ponder.bench.cli import run
+
+    return run(args)
+
+
+def cmd_serve(args) -> int:
+    from ponder.server.app import ServerConfig
+    from ponder.server.launch import serve
+
+    if args.model_arg and args.model and args.model_arg != args.model:
+        raise ValueError(f"two models given: {args.model_arg!r} and --model {args.model!r}")
+    config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("PONDER_API_KEY"),
+                          served_model_name=args.served_model_name,
+                          max_waiting_requests=None if args.max_waiting_requests < 0 else args.max_waiting_requests,
+                          drain_timeout=args.drain_timeout, log_level=args.log_level, access_log=args.access_log)
+    for sig in (signal.SIGTERM, signal.SIGINT):   # a shutdown signal is a clean exit once drained
+        signal.signal(sig, lambda *_: sys.exit(0))
+    serve(args.model_arg or args.model, engine_options(args), config)
+    return 0
+
+
+def cmd_think(args) -> int:
+    from ponder.think.cli import run
+
+    return run(args, engine_options(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ponder", description="An LLM inference engine that can think harder.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +121,26 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(chat)
     _sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+    srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    srv.add_argument("model_arg", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $PONDER_API_KEY)")
+    srv.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
+    srv.add_argument("--max-waiting-requests", type=int, default=256,
+                     help="requests allowed to wait for a slot before new ones get 503 (-1: unbounded)")
+    srv.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    srv.add_argument("--access-log", action="store_true", help="log every request")
+    _engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
+    from ponder.bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub).set_defaults(func=cmd_bench)
+    from ponder.think.cli import add_parser as add_think_parser
+
+    add_think_parser(sub, _engine_args).set_defaults(func=cmd_think)
     return parser
 
 

@@ -95,6 +95,24 @@ class LLM:
         prompts = [self.chat_prompt(conv, add_generation_prompt) for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    def think(self, prompt, strategy: str = "self-consistency", **options):
+        """Answer with inference-time compute: branches forked inside the engine share the prompt's
+        KV, are stepped, scored, pruned and resampled without re-prefilling.
+
+        `prompt`: a question (a user message when the model has a chat template), a list of chat
+        messages, or token ids — or a list of those, run as one batch (returns a list).
+        `strategy`: greedy, parallel, self-consistency, best-of-n, deepconf, beam-search,
+        particle-filtering. Options: the strategy's own (n, scorer, width, vote, ...) and sampling
+        (temperature=0.8, top_p, top_k, min_p, max_tokens=512, seed); `chat=False` skips the template.
+        Returns a ThinkResult: `.answer` (the chosen text), `.final_answer`, `.candidates`, `.usage`.
+        """
+        from ponder.think.run import think
+
+        batch = isinstance(prompt, (list, tuple)) and bool(prompt) and not all(
+            isinstance(x, (dict, int)) for x in prompt)
+        results = think(self.engine, list(prompt) if batch else [prompt], strategy, **options)
+        return results if batch else results[0]
+
     def stats(self) -> dict:
         return self.engine.stats()
 

@@ -68,6 +68,8 @@ def tiny_model(cfg: ModelConfig, seed: int = 0) -> LlamaForCausalLM:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.5 if "embed" in name else 0.15)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight.copy_(model.embed_tokens.weight.t())
     return model.eval()
 
 

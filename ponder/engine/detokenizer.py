@@ -22,13 +22,17 @@ def init_detokenizer(seq: Sequence) -> None:
 
 def process_token(seq: Sequence, token: int, tokenizer: Tokenizer, eos_token_ids: list[int],
                   max_model_len: int) -> None:
-    """Append `token` to `seq`, extend its text, and set finish_reason if a stop condition holds."""
+    """Append `token` to `seq`, extend its text, and set finish_reason if a stop condition holds.
+
+    In a think step (`seq.step`), a step delimiter or the step's token limit sets
+    `seq.step.stop_reason` instead: the engine then parks the sequence.
+    """
     params = seq.params
     seq.token_ids.append(token)
     n_out = seq.num_output_tokens
-    stop_ids = seq.stop_token_ids if seq.stop_token_ids is not None else params.stop_token_ids
     may_stop = n_out > params.min_tokens   # the sampler masked stop tokens before that
-    if may_stop and ((not params.ignore_eos and token in eos_token_ids) or (stop_ids and token in stop_ids)):
+    if may_stop and ((not params.ignore_eos and token in eos_token_ids)
+                     or (params.stop_token_ids and token in params.stop_token_ids)):
         seq.finish_reason, seq.stop_reason = "stop", token
         return
     old_len = len(seq.text)
@@ -36,9 +40,30 @@ def process_token(seq: Sequence, token: int, tokenizer: Tokenizer, eos_token_ids
     if params.stop_strings and may_stop and len(seq.text) > old_len:
         if _check_stop_strings(seq, old_len):
             return
-    max_tokens = seq.max_tokens if seq.max_tokens is not None else params.max_tokens
-    if (max_tokens is not None and n_out - seq.step_start >= max_tokens) or seq.num_tokens >= max_model_len:
+    if (params.max_tokens is not None and n_out >= params.max_tokens) or seq.num_tokens >= max_model_len:
         seq.finish_reason = "length"
+    elif seq.step is not None:
+        _check_step_end(seq, token, old_len)
+
+
+def append_tokens(seq: Sequence, token_ids: list[int], tokenizer: Tokenizer) -> None:
+    """Force `token_ids` onto `seq` (think.append): they join the text and are computed, not sampled."""
+    seq.token_ids.extend(token_ids)
+    _decode_delta(seq, tokenizer, seq.params.skip_special_tokens)
+
+
+def _check_step_end(seq: Sequence, token: int, old_len: int) -> None:
+    """The delimiter stays in the text (the text keeps matching the tokens, whose KV stays)."""
+    step = seq.step
+    if token in step.stop_token_ids:
+        step.stop_reason = token
+        return
+    for stop in step.stop:
+        if seq.text.find(stop, max(step.text_start, old_len - len(stop) + 1)) != -1:
+            step.stop_reason = stop
+            return
+    if step.max_tokens is not None and seq.num_output_tokens - step.start >= step.max_tokens:
+        step.stop_reason = "length"
 
 
 def _decode_delta(seq: Sequence, tokenizer: Tokenizer, skip_special: bool) -> None:

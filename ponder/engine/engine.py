@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ponder.config import EngineConfig
-from ponder.engine.detokenizer import init_detokenizer, process_token
+from ponder.engine.detokenizer import append_tokens, init_detokenizer, process_token
 from ponder.engine.kv_cache import BlockPool, KVCacheManager
 from ponder.engine.scheduler import Scheduler, SchedulerOutput
 from ponder.engine.sequence import Request, Sequence, SequenceStatus
@@ -18,6 +18,7 @@ from ponder.layers.sampler import SamplingBatch, sample
 from ponder.model.loader import LoadedModel, load_model
 from ponder.model.runner import ModelRunner
 from ponder.outputs import CompletionOutput, RequestOutput, Usage
+from ponder.runtime import tune_allocator
 from ponder.sampling_params import SamplingParams
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,6 +37,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None):
         self.config = config = config or EngineConfig()
+        tune_allocator()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         dtype = _DTYPES[config.dtype]
@@ -125,6 +127,7 @@ class LLMEngine:
             self._fail(seq.request, f"prompt of {seq.num_tokens} tokens does not fit in the KV cache")
         for seq in plan.out_of_blocks:
             seq.finish_reason = "length"
+        self._account_prefix_hits(plan)
         if plan.chunks:
             touched.update(self._run(plan))
         outputs = [self._output(r) for r in touched]
@@ -145,6 +148,9 @@ class LLMEngine:
         self._account(plan)
         sampled = [plan.chunks[i].seq for i in rows]
         sampled, logits = self._fork_new_groups(sampled, logits)
+        sampled, logits = self._take_probes(sampled, logits)
+        if not sampled:
+            return {ch.seq.request for ch in plan.chunks}
         out = sample(logits, SamplingBatch.build(sampled, self.vocab_size, self.eos_token_ids))
         now = time.monotonic()
         for seq, token, logprob in zip(sampled, out.token_ids, out.logprobs):
@@ -153,22 +159,30 @@ class LLMEngine:
             if logprob is not None:
                 seq.logprobs = (seq.logprobs or []) + [logprob]
             process_token(seq, token, self.tokenizer, self.eos_token_ids, self.max_model_len)
-            if seq.finish_reason is not None:
+            seq.last_sampled_pos = seq.num_tokens - 1
+            seq.request.tokens_generated += 1
+            if seq.step is not None and (seq.finish_reason is not None or seq.step.stop_reason is not None):
+                self.scheduler.park(seq)           # a think session frees it when it is done with it
+            elif seq.finish_reason is not None:
                 self.scheduler.finish(seq)
         self.stats_.generation_tokens += len(sampled)
         return {ch.seq.request for ch in plan.chunks}
+
+    def _account_prefix_hits(self, plan: SchedulerOutput) -> None:
+        for seq, hit in plan.prefix_hits:
+            cached = min(hit, seq.num_prompt_tokens)
+            self.stats_.prompt_tokens_cached += cached
+            seq.request.num_cached_tokens = max(seq.request.num_cached_tokens, cached)
+            seq.request.tokens_reused += hit
 
     def _account(self, plan: SchedulerOutput) -> None:
         st = self.stats_
         st.steps += 1
         st.max_batch_seqs = max(st.max_batch_seqs, len(plan.chunks))
-        for seq, hit in plan.prefix_hits:
-            cached = min(hit, seq.num_prompt_tokens)
-            st.prompt_tokens_cached += cached
-            seq.request.num_cached_tokens = max(seq.request.num_cached_tokens, cached)
         for ch in plan.chunks:
             seq = ch.seq
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + ch.num_tokens
+            seq.request.tokens_prefilled += ch.num_tokens - (start <= seq.last_sampled_pos < end)
             prompt_part = max(0, min(end, seq.num_prompt_tokens) - start)
             st.prompt_tokens += prompt_part
             st.recomputed_tokens += max(0, min(end, seq.num_tokens - 1) - max(start, seq.num_prompt_tokens))
@@ -191,16 +205,24 @@ class LLMEngine:
         return expanded, logits[torch.tensor(rows)]
 
     def fork(self, seq: Sequence, n: int) -> list[Sequence]:
-        """n children of `seq` sharing all its blocks (copy-on-write), scheduled alongside it."""
+        """n children of `seq` sharing all its blocks (copy-on-write), scheduled alongside it.
+
+        Children of a parked sequence are parked too; a finished-but-parked (think) parent passes
+        on its finish reason.
+        """
         children = []
         request = seq.request
         for _ in range(n):
-            index = len(request.seqs)
+            index = request.next_index
+            request.next_index += 1
             child = Sequence(request, list(seq.token_ids), seq.num_prompt_tokens, index=index,
                              seed=hash((seq.seed, index)) & 0xFFFFFFFF,
                              text=seq.text, prefix_offset=seq.prefix_offset, read_offset=seq.read_offset,
-                             logprobs=list(seq.logprobs) if seq.logprobs is not None else None)
+                             logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                             last_sampled_pos=seq.last_sampled_pos)
             self.kv.fork(seq, child)
+            request.tokens_reused += seq.num_computed_tokens
             request.seqs.append(child)
             if seq.status is SequenceStatus.RUNNING:
                 self.scheduler.resume(child)
@@ -208,6 +230,50 @@ class LLMEngine:
                 child.status = seq.status
             children.append(child)
         return children
+
+    def _take_probes(self, seqs: list[Sequence], logits: torch.Tensor):
+        """Rows of probing sequences (think scorers) record the logprobs they asked for and park.
+
+        Nothing is sampled, so the last token is marked uncomputed again: the sequence's next run
+        recomputes it (one token) to get logits to sample from."""
+        probing = [i for i, s in enumerate(seqs) if s.probe_token_ids is not None]
+        if not probing:
+            return seqs, logits
+        logprobs = torch.log_softmax(logits[probing].float(), dim=-1)
+        for row, i in enumerate(probing):
+            seq = seqs[i]
+            seq.probe_logprobs = logprobs[row, seq.probe_token_ids].tolist()
+            seq.probe_token_ids = None
+            seq.num_computed_tokens -= 1
+            self.scheduler.park(seq)
+        probed = set(probing)
+        keep = [i for i in range(len(seqs)) if i not in probed]
+        return [seqs[i] for i in keep], logits[keep]
+
+    # -- inference-time compute hooks (ponder.think drives these between steps) ----------------
+    def resume(self, seq: Sequence) -> None:
+        """Schedule a parked sequence again; its KV is resident, nothing is recomputed."""
+        if seq.status is not SequenceStatus.PARKED:
+            raise ValueError(f"only a parked sequence can resume (this one is {seq.status.value})")
+        self.scheduler.resume(seq)
+
+    def append(self, seq: Sequence, token_ids: list[int]) -> None:
+        """Extend a parked sequence by forced tokens; they are computed (prefilled) when it next runs."""
+        if seq.status is not SequenceStatus.PARKED:
+            raise ValueError(f"only a parked sequence can be extended (this one is {seq.status.value})")
+        if seq.num_tokens + len(token_ids) >= self.max_model_len:
+            raise ValueError(f"appending {len(token_ids)} tokens would exceed the context of "
+                             f"{self.max_model_len} tokens")
+        append_tokens(seq, list(token_ids), self.tokenizer)
+
+    def release(self, seq: Sequence) -> None:
+        """Free `seq`'s blocks now and drop it from its request (think prune)."""
+        if seq.finish_reason is None:
+            seq.finish_reason = "pruned"
+        if not seq.finished:
+            self.scheduler.finish(seq)
+        if seq in seq.request.seqs:
+            seq.request.seqs.remove(seq)
 
     def _fail(self, request: Request, message: str) -> None:
         request.error = message

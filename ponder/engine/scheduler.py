@@ -5,6 +5,8 @@ it has not computed yet (one for a decode, a chunk for a prompt), running sequen
 arrival order, then waiting ones, until `max_num_batched_tokens` or `max_num_seqs` is reached.
 When blocks run out, the most recently admitted running sequence is preempted: its blocks are
 freed and it goes back to the front of the queue, to be recomputed (exactly) later.
+A `prefill_only` sequence (think) computes its pending tokens but the last, then parks: its KV can
+be forked before anything is sampled.
 """
 
 from __future__ import annotations
@@ -69,7 +71,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed, budget)
+            if _tokens_wanted(seq) == 0:             # prefill-only and done: keep the KV, stop here
+                self.park(seq)
+                continue
+            n = min(_tokens_wanted(seq), budget)
             while not self.kv.allocate_slots(seq, n):
                 victim = self.running.pop()
                 if victim is seq and not self.running:
@@ -91,7 +96,12 @@ class Scheduler:
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
             hit = self.kv.match_prefix(seq)          # waiting sequences hold no blocks
-            n = min(seq.num_uncomputed, budget)
+            if _tokens_wanted(seq) == 0:             # prefill-only and all cached
+                out.prefix_hits.append((seq, hit))
+                self.waiting.popleft()
+                seq.status = SequenceStatus.PARKED
+                continue
+            n = min(_tokens_wanted(seq), budget)
             if not self.kv.allocate_slots(seq, n):
                 self.kv.free(seq)                    # the matched blocks stay cached for later
                 if self.running:
@@ -130,3 +140,8 @@ class Scheduler:
         """Stop scheduling `seq` but keep its KV resident."""
         self.running.remove(seq)
         seq.status = SequenceStatus.PARKED
+
+
+def _tokens_wanted(seq: Sequence) -> int:
+    """Tokens `seq` has left to compute; a prefill-only sequence leaves its last one for sampling."""
+    return seq.num_uncomputed - seq.prefill_only

@@ -3,6 +3,8 @@
 A request holds one or more sequences (n > 1 forks the prompt's sequence once it is prefilled).
 Sequence states: WAITING (queued, or preempted to be recomputed) -> RUNNING -> FINISHED, with
 PARKED for sequences that keep their KV resident but are not scheduled (inference-time compute).
+A sequence driven by a think session (`seq.step` set) parks instead of finishing: the session
+decides when its KV is freed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,21 @@ class SequenceStatus(enum.Enum):
 _seq_ids = itertools.count()
 
 
+@dataclass
+class StepLimits:
+    """Where the current think step of a sequence ends; the sequence then parks, KV resident.
+
+    The request's own stops (EOS, stop strings, max_tokens) still finish the sequence.
+    """
+
+    stop: tuple[str, ...] = ()              # step delimiters, e.g. ("\n\n",); kept in the text
+    stop_token_ids: tuple[int, ...] = ()
+    max_tokens: int | None = None           # tokens in this step
+    start: int = 0                          # num_output_tokens when the step began
+    text_start: int = 0                     # len(text) when the step began
+    stop_reason: str | int | None = None    # set when the step ended: the delimiter, token id or "length"
+
+
 @dataclass(eq=False)
 class Sequence:
     request: "Request"
@@ -46,9 +63,12 @@ class Sequence:
     logprobs: list[Logprob] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    stop_token_ids: list[int] | None = None  # overrides the request's stop tokens (think.step)
-    max_tokens: int | None = None            # overrides params.max_tokens (think.step)
-    step_start: int = 0                      # output length when the current think.step began
+    # inference-time compute (ponder.think)
+    step: StepLimits | None = None           # set while a think session drives this sequence
+    prefill_only: bool = False               # compute pending tokens but the last, then park
+    probe_token_ids: list[int] | None = None # at the next sample: record these ids' logprobs, park
+    probe_logprobs: list[float] | None = None
+    last_sampled_pos: int = -1               # position of the latest sampled token (usage accounting)
 
     @property
     def params(self) -> SamplingParams:
@@ -84,6 +104,11 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     num_cached_tokens: int = 0               # prompt tokens reused from the prefix cache
+    # work for the request, all its sequences together (think usage)
+    tokens_prefilled: int = 0                # tokens computed that were not just sampled (prompt, appended)
+    tokens_reused: int = 0                   # tokens whose KV was reused: prefix-cache hits, fork sharing
+    tokens_generated: int = 0                # tokens sampled
+    next_index: int = 1                      # completion index of the next fork (never reused)
     first_token_time: float | None = None
     error: str | None = None
 

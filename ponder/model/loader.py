@@ -142,10 +142,11 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], max_position
 
 
 def fuse_hf_weights(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF parameter names -> ours (Q/K/V and gate/up fused into one matrix each)."""
-    out = {"embed_tokens.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = hf.get("lm_head.weight", hf["model.embed_tokens.weight"])
+    """HF parameter names -> ours: Q/K/V and gate/up fused into one matrix each, and every
+    linear weight transposed to [in, out] (see layers/linear.py)."""
+    embed = hf["model.embed_tokens.weight"]
+    out = {"embed_tokens.weight": embed, "norm.weight": hf["model.norm.weight"],
+           "lm_head.weight": hf["lm_head.weight"] if "lm_head.weight" in hf and not cfg.tie_word_embeddings else embed}
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         att = src + "self_attn."
@@ -163,7 +164,11 @@ def fuse_hf_weights(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
         out[dst + "mlp.down_proj.weight"] = hf[src + "mlp.down_proj.weight"]
         out[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"]
         out[dst + "post_attention_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"]
-    return out
+    return {name: w.t().contiguous() if _is_linear_weight(name) else w for name, w in out.items()}
+
+
+def _is_linear_weight(name: str) -> bool:
+    return name.endswith("_proj.weight") or name == "lm_head.weight"
 
 
 def _load_hf_safetensors(folder: str) -> dict[str, torch.Tensor]:
@@ -179,7 +184,7 @@ def _load_hf_safetensors(folder: str) -> dict[str, torch.Tensor]:
 def _converted_gguf(path: str, cache_dir: str) -> str:
     """Folder with config.json, model.safetensors (fused fp32) and tokenizer files for a GGUF."""
     st = os.stat(path)
-    key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:v1".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:v2".encode()).hexdigest()[:16]
     folder = os.path.join(cache_root(cache_dir), "converted",
                           f"{os.path.splitext(os.path.basename(path))[0]}-{key}")
     if os.path.exists(os.path.join(folder, "done")):

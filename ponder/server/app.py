@@ -1,0 +1,268 @@
+"""The OpenAI-compatible HTTP API: FastAPI routes over an AsyncEngine.
+
+POST /v1/completions and /v1/chat/completions (streamed as server-sent events or not),
+GET /v1/models, /health and /metrics. Every error has the OpenAI shape (see errors.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
+
+from ponder.engine.async_engine import (AsyncEngine, EngineDeadError, EngineUnavailable, RequestAborted,
+                                        RequestFailed, RequestStream)
+from ponder.engine.engine import LLMEngine
+from ponder.model.loader import DEFAULT_MODEL
+from ponder.model.tokenizer import Tokenizer
+from ponder.outputs import RequestOutput
+from ponder.sampling_params import SamplingParams
+from ponder.server.errors import (APIError, dumps, from_validation_error, install_error_handlers, invalid,
+                                  json_response)
+from ponder.server.metrics import CONTENT_TYPE, ServerMetrics
+from ponder.server.protocol import (MAX_BODY_BYTES, ChatCompletionRequest, CompletionRequest, EngineLimits,
+                                    check_model)
+from ponder.server.responses import (ChatRenderer, CompletionRenderer, DeltaTracker, TokenTexts, _Renderer,
+                                     usage)
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None              # required as "Authorization: Bearer KEY" on /v1 when set
+    served_model_name: str | None = None    # default: the engine's model name
+    max_waiting_requests: int | None = 256  # past it: 503 with Retry-After; None: unbounded
+    drain_timeout: float = 30.0             # on SIGTERM: seconds to let in-flight requests finish
+    log_level: str = "info"
+    access_log: bool = False
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    engine: AsyncEngine
+    metrics: ServerMetrics
+    model_name: str
+    limits: EngineLimits
+    tokenizer: Tokenizer
+    texts: TokenTexts
+    created: int
+
+
+def build_app(engine: LLMEngine, config: ServerConfig | None = None) -> FastAPI:
+    """A FastAPI app serving `engine`; the engine thread runs while the app's lifespan does."""
+    config = config or ServerConfig()
+    model_name = config.served_model_name or engine.config.model or DEFAULT_MODEL
+    metrics = ServerMetrics(model_name, lambda: async_engine.stats)
+    async_engine = AsyncEngine(engine, config.max_waiting_requests, on_step=metrics.observe_step)
+    state = ServerState(config, async_engine, metrics, model_name,
+                        EngineLimits(engine.max_model_len, engine.vocab_size, engine.config.max_num_seqs),
+                        engine.tokenizer, TokenTexts(engine.tokenizer), int(time.time()))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async_engine.start()
+        yield
+        await async_engine.shutdown()
+
+    app = FastAPI(title="ponder", description="OpenAI-compatible API of the ponder inference engine",
+                  lifespan=lifespan)
+    app.state.ponder = state
+    install_error_handlers(app)
+    app.include_router(_public)
+    app.include_router(_v1)
+    return app
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.ponder
+
+
+def _require_api_key(request: Request) -> None:
+    key = _state(request).config.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "Invalid or missing API key: send it as 'Authorization: Bearer KEY'",
+                       code="invalid_api_key")
+
+
+_public = APIRouter()
+_v1 = APIRouter(prefix="/v1", dependencies=[Depends(_require_api_key)])
+
+
+@_public.get("/health")
+async def health(request: Request) -> Response:
+    engine = _state(request).engine
+    if not engine.healthy:
+        raise APIError(503, f"the engine is not running: {engine.error!r}")
+    return json_response({"status": "ok"})
+
+
+@_public.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+@_v1.get("/models")
+async def list_models(request: Request) -> Response:
+    return json_response({"object": "list", "data": [_model_card(_state(request))]})
+
+
+@_v1.get("/models/{model:path}")
+async def retrieve_model(model: str, request: Request) -> Response:
+    state = _state(request)
+    check_model(model, state.model_name)
+    return json_response(_model_card(state))
+
+
+@_v1.post("/completions")
+async def completions(request: Request) -> Response:
+    return await _generate(request, await _read_body(request, CompletionRequest), "cmpl", CompletionRenderer)
+
+
+@_v1.post("/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, await _read_body(request, ChatCompletionRequest), "chatcmpl", ChatRenderer)
+
+
+def _model_card(state: ServerState) -> dict:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "ponder",
+            "max_model_len": state.limits.max_model_len}
+
+
+async def _read_body(request: Request, body_type):
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    try:
+        return body_type.model_validate_json(b"".join(chunks))
+    except ValidationError as e:
+        raise from_validation_error(e, body_type) from None
+
+
+async def _generate(request: Request, body: CompletionRequest | ChatCompletionRequest, id_prefix: str,
+                    renderer_type: type[_Renderer]) -> Response:
+    state = _state(request)
+    check_model(body.model, state.model_name)
+    prompts = body.prompt_token_ids(state.tokenizer, state.limits)
+    params = body.sampling_params(prompts, state.limits)
+    request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+    stream = await _submit(state, prompts, params, request_id, body.prompt_field)
+    generation = Generation(stream, DeltaTracker(params, len(prompts)),
+                            renderer_type(request_id, state.model_name, state.texts),
+                            len(prompts) * params.n, body.include_usage, state.engine)
+    if body.stream:
+        return StreamingResponse(generation.events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return json_response(await generation.complete(request))
+
+
+async def _submit(state: ServerState, prompts: list[list[int]], params: SamplingParams, request_id: str,
+                  prompt_field: str) -> RequestStream:
+    try:
+        return await state.engine.add(prompts, params, request_id)
+    except ValueError as e:            # the engine refused a prompt (empty, bad token ids, too long)
+        raise invalid(str(e), prompt_field) from None
+    except EngineUnavailable as e:
+        state.metrics.rejected("overloaded" if e.retry_after else "unavailable")
+        raise _api_error(e) from None
+    except EngineDeadError as e:
+        raise _api_error(e) from None
+
+
+def _api_error(exc: Exception) -> APIError:
+    """The HTTP error for a request the engine could not finish."""
+    if isinstance(exc, EngineUnavailable):
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return APIError(503, str(exc), code="server_overloaded" if exc.retry_after else "unavailable",
+                        headers=headers)
+    if isinstance(exc, RequestAborted):
+        return APIError(503, f"The request was aborted: {exc}", code="aborted")
+    if isinstance(exc, RequestFailed):
+        return invalid(str(exc))
+    return APIError(500, str(exc))
+
+
+@dataclass
+class Generation:
+    """One request's engine stream rendered as OpenAI JSON: whole, or as server-sent events."""
+
+    stream: RequestStream
+    tracker: DeltaTracker
+    renderer: _Renderer
+    num_choices: int
+    include_usage: bool
+    engine: AsyncEngine
+
+    async def complete(self, request: Request) -> dict:
+        """The whole response; the requests are aborted at once if the client disconnects first."""
+        final = asyncio.ensure_future(self._final_outputs())
+        disconnect = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({final, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnect.cancel()
+            final.cancel()
+            self._abort_unless_done()
+        if not final.done() or final.cancelled():
+            raise APIError(499, "The client disconnected")
+        try:
+            outs = final.result()
+        except (RequestFailed, RequestAborted, EngineDeadError) as e:
+            raise _api_error(e) from None
+        return self.renderer.response(self.tracker.deltas(outs), usage(outs))
+
+    async def events(self) -> AsyncIterator[str]:
+        """Server-sent events, one write per engine step; the requests are aborted if the client
+        goes away (Starlette cancels this generator when it sees the disconnect)."""
+        render = self.renderer
+        try:
+            opening = render.opening_chunks(self.num_choices, self.include_usage)
+            if opening:
+                yield _events(opening)
+            outs: list[RequestOutput] = []
+            async for outs in self.stream.updates():
+                deltas = self.tracker.deltas(outs)
+                if deltas:
+                    yield _events([render.chunk([render.choice(d, streaming=True)], self.include_usage)
+                                   for d in deltas])
+            if self.include_usage:
+                yield _events([render.chunk([], True, usage(outs))])
+        except (RequestFailed, RequestAborted, EngineDeadError) as e:
+            yield _events([_api_error(e).body()])
+        finally:
+            self._abort_unless_done()
+        yield "data: [DONE]\n\n"
+
+    async def _final_outputs(self) -> list[RequestOutput]:
+        outs: list[RequestOutput] = []
+        async for outs in self.stream.updates():
+            pass
+        return outs
+
+    def _abort_unless_done(self) -> None:
+        if not self.stream.done:
+            self.engine.abort(self.stream.request_ids)
+
+
+def _events(bodies: list[dict]) -> str:
+    return "".join(f"data: {dumps(body)}\n\n" for body in bodies)
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,224 @@
+"""OpenAI request bodies (pydantic, strict types, unknown fields refused) and how they become
+engine inputs: prompt token ids and SamplingParams.
+
+Ranges are SamplingParams' to check (one rule, one place); this module adds what only the API
+knows: field names as the client spelled them, the context window, token ids within the vocabulary,
+and how many choices one request may ask for.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import jinja2
+from pydantic import BaseModel, ConfigDict, Field
+
+from ponder.model.tokenizer import Tokenizer
+from ponder.sampling_params import SamplingParams
+from ponder.server.errors import APIError, invalid
+
+MAX_BODY_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_model_len: int
+    vocab_size: int
+    max_choices: int          # n x prompts in one request (the engine's max_num_seqs)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _GenerationRequest(_Body):
+    """Fields both endpoints share: OpenAI's sampling fields and vLLM's extras."""
+
+    prompt_field: ClassVar[str]
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = Field(None, description="a string or a list of strings")
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = Field(
+        None, description="an object mapping token ids to biases in [-100, 100]")
+    user: str | None = None
+    # vLLM's extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    # -- to the engine ----------------------------------------------------------------------
+    def sampling_params(self, prompts: list[list[int]], limits: EngineLimits) -> SamplingParams:
+        """SamplingParams for these prompts; raises APIError(400) naming the field at fault."""
+        max_tokens, max_tokens_field = self._max_tokens()
+        options = dict(n=self.n, temperature=self.temperature, top_p=self.top_p, stop=self.stop,
+                       seed=self.seed, presence_penalty=self.presence_penalty,
+                       frequency_penalty=self.frequency_penalty, logit_bias=self.logit_bias,
+                       top_k=None if self.top_k is None else min(self.top_k, limits.vocab_size),
+                       min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                       min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
+                       stop_token_ids=self.stop_token_ids,
+                       include_stop_str_in_output=self.include_stop_str_in_output,
+                       skip_special_tokens=self.skip_special_tokens, logprobs=self._logprobs())
+        options = {k: v for k, v in options.items() if v is not None}
+        try:
+            params = SamplingParams(max_tokens=max_tokens, **options)
+        except ValueError as e:
+            raise invalid(str(e), self._field_named_in(str(e), {"max_tokens": max_tokens_field})) from None
+        _check_token_ids(params.logit_bias or {}, "logit_bias", limits.vocab_size)
+        _check_token_ids(params.stop_token_ids or [], "stop_token_ids", limits.vocab_size)
+        for ids in prompts:
+            self._check_context(len(ids), params.max_tokens if max_tokens_field else None,
+                                max_tokens_field, limits.max_model_len)
+        return params
+
+    def _check_choices(self, num_prompts: int, limits: EngineLimits) -> None:
+        if isinstance(self.n, int) and self.n >= 1 and self.n * num_prompts > limits.max_choices:
+            raise invalid(f"n x prompts must be <= {limits.max_choices} (the engine's max_num_seqs), "
+                          f"got {self.n} x {num_prompts}", "n" if self.n > limits.max_choices else self.prompt_field)
+
+    def _check_context(self, prompt_len: int, max_tokens: int | None, field: str | None,
+                       max_model_len: int) -> None:
+        if prompt_len >= max_model_len:
+            raise invalid(f"This model's maximum context length is {max_model_len} tokens, but the "
+                          f"prompt is {prompt_len} tokens (at least one more is needed to generate). "
+                          f"Please reduce the length of the {self.prompt_field}.",
+                          self.prompt_field, "context_length_exceeded")
+        if max_tokens is not None and prompt_len + max_tokens > max_model_len:
+            raise invalid(f"This model's maximum context length is {max_model_len} tokens. However, you "
+                          f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
+                          f"{max_tokens} for the completion). Please reduce the length of the "
+                          f"{self.prompt_field} or {field}.", field, "context_length_exceeded")
+
+    def _field_named_in(self, message: str, aliases: dict[str, str | None]) -> str | None:
+        """The request field a SamplingParams error message starts with, as the client named it."""
+        word = re.match(r"[a-z_]+", message)
+        name = aliases.get(word.group(), word.group()) if word else None
+        return name if name in type(self).model_fields else None
+
+    def _max_tokens(self) -> tuple[int | None, str | None]:
+        """The completion length limit and the field that set it (None: the default applies)."""
+        raise NotImplementedError
+
+    def _logprobs(self) -> int | None:
+        raise NotImplementedError
+
+
+class CompletionRequest(_GenerationRequest):
+    """POST /v1/completions."""
+
+    prompt_field: ClassVar[str] = "prompt"
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a string, a list of strings, a list of token ids or a list of lists of token ids")
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+
+    def prompt_token_ids(self, tokenizer: Tokenizer, limits: EngineLimits) -> list[list[int]]:
+        if self.echo:
+            raise invalid("echo is not supported", "echo")
+        single = isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int))
+        prompts = [self.prompt] if single else self.prompt
+        if not prompts:
+            raise invalid("prompt must not be empty", "prompt")
+        self._check_choices(len(prompts), limits)
+        return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+
+    def _max_tokens(self) -> tuple[int | None, str | None]:
+        return self.max_tokens, ("max_tokens" if "max_tokens" in self.model_fields_set else None)
+
+    def _logprobs(self) -> int | None:
+        return self.logprobs
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = Field(None, description="a string or a list of text parts")
+    name: str | None = None
+
+    def template_input(self) -> dict:
+        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content or [])
+        message = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    prompt_field: ClassVar[str] = "messages"
+
+    messages: list[ChatMessage] = Field(description="a non-empty list of messages")
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def prompt_token_ids(self, tokenizer: Tokenizer, limits: EngineLimits) -> list[list[int]]:
+        if not self.messages:
+            raise invalid("messages must contain at least one message", "messages")
+        self._check_choices(1, limits)
+        try:
+            text = tokenizer.apply_chat_template([m.template_input() for m in self.messages],
+                                                 add_generation_prompt=True)
+        except (ValueError, jinja2.TemplateError) as e:
+            raise invalid(f"The model's chat template cannot render these messages: {e}", "messages") from None
+        return [tokenizer.encode(text, add_special_tokens=False)]
+
+    def _max_tokens(self) -> tuple[int | None, str | None]:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        if self.max_tokens is not None:
+            return self.max_tokens, "max_tokens"
+        return None, None
+
+    def _logprobs(self) -> int | None:
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
+            return None
+        return self.top_logprobs or 0
+
+    def _field_named_in(self, message: str, aliases: dict[str, str | None]) -> str | None:
+        return super()._field_named_in(message, {**aliases, "logprobs": "top_logprobs"})
+
+
+def _check_token_ids(ids, field: str, vocab_size: int) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise invalid(f"{field} has token id {bad}, outside the vocabulary [0, {vocab_size})", field)
+
+
+def check_model(requested: str | None, served: str) -> None:
+    if requested is not None and requested != served:
+        raise APIError(404, f"The model `{requested}` does not exist. This server serves `{served}`.",
+                       "model", "model_not_found")

@@ -1,0 +1,166 @@
+"""Engine outputs -> OpenAI response bodies and stream chunks (plain dicts: cheap per token).
+
+A DeltaTracker turns the engine's cumulative outputs into per-choice deltas. While a choice runs it
+holds back the last (longest stop string - 1) characters, which a stop string found on a later
+token could still cut away, so the streamed deltas always add up to the final text. A non-streamed
+response is the same thing in one step: a fresh tracker over the final outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ponder.model.tokenizer import Tokenizer
+from ponder.outputs import Logprob, RequestOutput
+from ponder.sampling_params import SamplingParams
+
+
+@dataclass
+class ChoiceDelta:
+    index: int                       # prompt index x n + completion index
+    text: str
+    logprobs: list[Logprob] | None   # of the tokens new in this delta; None when not requested
+    finish_reason: str | None
+    stop_reason: str | int | None
+
+
+class DeltaTracker:
+    def __init__(self, params: SamplingParams, num_prompts: int):
+        self.n = params.n
+        self.want_logprobs = params.logprobs is not None
+        self.holdback = max((len(s) for s in params.stop_strings), default=1) - 1
+        size = num_prompts * params.n
+        self._text_sent = [0] * size
+        self._tokens_sent = [0] * size
+        self._finished = [False] * size
+
+    def deltas(self, outs: list[RequestOutput | None]) -> list[ChoiceDelta]:
+        found = []
+        for p, out in enumerate(outs):
+            for c in out.outputs if out is not None else ():
+                i = p * self.n + c.index
+                if self._finished[i]:
+                    continue
+                finished = c.finish_reason is not None
+                end = len(c.text) if finished else max(self._text_sent[i], len(c.text) - self.holdback)
+                text = c.text[self._text_sent[i]:end]
+                logprobs = None
+                if self.want_logprobs:
+                    logprobs = (c.logprobs or [])[self._tokens_sent[i]:]
+                    self._tokens_sent[i] += len(logprobs)
+                if not (text or logprobs or finished):
+                    continue
+                self._text_sent[i] = end
+                self._finished[i] = finished
+                found.append(ChoiceDelta(i, text, logprobs, c.finish_reason, c.stop_reason))
+        return found
+
+
+def usage(outs: list[RequestOutput]) -> dict:
+    prompt = sum(o.usage.prompt_tokens for o in outs)
+    completion = sum(o.usage.completion_tokens for o in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(o.usage.prompt_tokens_cached for o in outs)}}
+
+
+class TokenTexts:
+    """Token id -> its text (special tokens included), cached: logprobs name many tokens per step."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.text = lru_cache(maxsize=1 << 16)(lambda token_id: tokenizer.decode([token_id], False))
+
+
+class _Renderer:
+    """The envelope both endpoints share; subclasses render a choice and its logprobs."""
+
+    object: str
+    chunk_object: str
+
+    def __init__(self, request_id: str, model: str, texts: TokenTexts):
+        self.request_id, self.model, self.texts = request_id, model, texts
+        self.created = int(time.time())
+
+    def response(self, deltas: list[ChoiceDelta], usage: dict) -> dict:
+        return {"id": self.request_id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": [self.choice(d, streaming=False) for d in deltas], "usage": usage}
+
+    def chunk(self, choices: list[dict], include_usage: bool, usage: dict | None = None) -> dict:
+        body = {"id": self.request_id, "object": self.chunk_object, "created": self.created,
+                "model": self.model, "choices": choices}
+        if include_usage:
+            body["usage"] = usage
+        return body
+
+    def opening_chunks(self, num_choices: int, include_usage: bool) -> list[dict]:
+        """Chunks sent before any token (the chat role)."""
+        return []
+
+    def choice(self, delta: ChoiceDelta, streaming: bool) -> dict:
+        raise NotImplementedError
+
+
+class CompletionRenderer(_Renderer):
+    object = chunk_object = "text_completion"
+
+    def __init__(self, request_id: str, model: str, texts: TokenTexts):
+        super().__init__(request_id, model, texts)
+        self._text_offsets: dict[int, int] = {}     # choice -> characters of the tokens rendered so far
+
+    def choice(self, delta: ChoiceDelta, streaming: bool) -> dict:
+        return {"index": delta.index, "text": delta.text, "logprobs": self._logprobs(delta),
+                "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}
+
+    def _logprobs(self, delta: ChoiceDelta) -> dict | None:
+        """The legacy shape: the chosen token's logprob, and the top alternatives with it."""
+        if delta.logprobs is None:
+            return None
+        text = self.texts.text
+        tokens, chosen, tops, offsets = [], [], [], []
+        offset = self._text_offsets.get(delta.index, 0)
+        for lp in delta.logprobs:
+            token = text(lp.token_id)
+            tokens.append(token)
+            chosen.append(_finite(lp.logprob))
+            tops.append({text(t): _finite(v) for t, v in {**lp.top, lp.token_id: lp.logprob}.items()})
+            offsets.append(offset)
+            offset += len(token)
+        self._text_offsets[delta.index] = offset
+        return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": offsets}
+
+
+class ChatRenderer(_Renderer):
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
+    def opening_chunks(self, num_choices: int, include_usage: bool) -> list[dict]:
+        return [self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}], include_usage) for i in range(num_choices)]
+
+    def choice(self, delta: ChoiceDelta, streaming: bool) -> dict:
+        body = {"index": delta.index}
+        if streaming:
+            body["delta"] = {"content": delta.text} if delta.text else {}
+        else:
+            body["message"] = {"role": "assistant", "content": delta.text}
+        body.update(logprobs=self._logprobs(delta), finish_reason=delta.finish_reason,
+                    stop_reason=delta.stop_reason)
+        return body
+
+    def _logprobs(self, delta: ChoiceDelta) -> dict | None:
+        if delta.logprobs is None:
+            return None
+        return {"content": [{**self._token(lp.token_id, lp.logprob),
+                             "top_logprobs": [self._token(t, v) for t, v in lp.top.items()]}
+                            for lp in delta.logprobs], "refusal": None}
+
+    def _token(self, token_id: int, logprob: float) -> dict:
+        token = self.texts.text(token_id)
+        return {"token": token, "logprob": _finite(logprob), "bytes": list(token.encode("utf-8"))}
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no -inf: clamp as vLLM does."""
+    return max(logprob, -9999.0) if not math.isnan(logprob) else -9999.0

@@ -1,0 +1,267 @@
+"""Inference-time compute primitives: fork, step, append, score, prune, resample — in the engine.
+
+A `ThinkSession` owns one engine request. Every branch is a sequence of that request: branches
+share the prompt's KV blocks (copy-on-write), batch with everything else the engine runs, and
+park between steps with their KV resident, so nothing is ever re-prefilled.
+
+Primitives that need the engine to run (`start`, `step`, `generate`, `prefill`, `probe`,
+`score`, `wait`) are generators: a strategy calls them with `yield from`, and each bare `yield`
+hands control to whoever drives the engine for one engine step — `drive()` offline, the server's
+engine loop online. The others (`fork`, `append`, `prune`, `resample`, `launch`) act at once,
+between engine steps, so no lock is needed.
+
+    session = ThinkSession(engine, prompt_ids, SamplingParams(temperature=0.8, max_tokens=256))
+    root = session.run(session.start())            # prefill the prompt once, park
+    branches = session.fork(root, 4)               # share every block
+    session.run(session.step(branches, stop=("\\n\\n",)))   # one reasoning step each, then park
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import random
+from collections import Counter
+from typing import Callable, Generator, Iterable, TypeVar
+
+from ponder.engine.engine import LLMEngine
+from ponder.engine.sequence import Sequence, SequenceStatus, StepLimits
+from ponder.sampling_params import SamplingParams
+from ponder.think.answers import extract_answer
+from ponder.think.result import Candidate
+
+T = TypeVar("T")
+Gen = Generator[None, None, T]   # a primitive that waits on the engine: call it with `yield from`
+
+_ACTIVE = (SequenceStatus.RUNNING, SequenceStatus.WAITING)
+
+
+class ThinkSession:
+    def __init__(self, engine: LLMEngine, prompt_ids: list[int], params: SamplingParams | None = None, *,
+                 messages: list[dict] | None = None, prompt_text: str | None = None,
+                 request_id: str | None = None):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.messages = messages
+        self.prompt_text = prompt_text if prompt_text is not None else self.tokenizer.decode(prompt_ids)
+        params = dataclasses.replace(params or SamplingParams(), n=1)   # our own copy: configure() edits it
+        self.request = engine.add_request(None, params, request_id, prompt_token_ids=prompt_ids)
+        self.root = self.request.seqs[0]
+        self.root.step = StepLimits()          # owned by the session: parks instead of finishing
+        self.root.prefill_only = True
+        seed = params.seed if params.seed is not None else self.root.seed
+        self.rng = random.Random(seed)
+        self.scorer_calls = 0
+        self.extra_usage: Counter = Counter()  # work done elsewhere for this request (a judge model)
+        self.events: list[dict] = []
+        self.closed = False
+
+    # -- configuration ----------------------------------------------------------------------
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    def configure(self, **sampling) -> None:
+        """Change the sampling of every branch from the next token on (validated)."""
+        self.request.params = dataclasses.replace(self.request.params, **sampling)
+
+    def require_logprobs(self, top_k: int) -> None:
+        """Record top-k logprobs for every sampled token (call before generating)."""
+        if top_k and (self.params.logprobs or 0) < top_k:
+            self.configure(logprobs=top_k)
+
+    # -- waiting primitives (generators) ----------------------------------------------------
+    def wait(self, seqs: Iterable[Sequence]) -> Gen[None]:
+        """Let the engine run until none of `seqs` is queued or running."""
+        seqs = list(seqs)
+        while any(s.status in _ACTIVE for s in seqs):
+            yield
+
+    def start(self) -> Gen[Sequence]:
+        """Prefill the prompt once (all but its last token, which each branch computes with its
+        first sample) and park; returns the root to fork branches from."""
+        yield from self.wait([self.root])
+        self.root.prefill_only = False
+        return self.root
+
+    def launch(self, seqs: Iterable[Sequence], stop: Iterable[str] = (), max_tokens: int | None = None,
+               stop_token_ids: Iterable[int] = ()) -> list[Sequence]:
+        """Start one step on each live branch without waiting (see `step`); returns those started."""
+        started = []
+        for seq in seqs:
+            if not self.is_live(seq):
+                continue
+            seq.step = StepLimits(tuple(stop), tuple(stop_token_ids), max_tokens,
+                                  start=seq.num_output_tokens, text_start=len(seq.text))
+            self.engine.resume(seq)
+            started.append(seq)
+        return started
+
+    def step(self, seqs: Iterable[Sequence], stop: Iterable[str] = ("\n\n",), max_tokens: int | None = None,
+             stop_token_ids: Iterable[int] = ()) -> Gen[list[Sequence]]:
+        """Generate one reasoning step on each live branch — until a delimiter in `stop` (kept in the
+        text), `max_tokens` more tokens, or the end of the answer — then park it, KV resident.
+        Branches that are complete already are left alone. Returns `seqs`."""
+        seqs = list(seqs)
+        yield from self.wait(self.launch(seqs, stop, max_tokens, stop_token_ids))
+        return seqs
+
+    def generate(self, seqs: Iterable[Sequence]) -> Gen[list[Sequence]]:
+        """Generate each live branch to its end (EOS, a stop of the request, max_tokens)."""
+        return (yield from self.step(seqs, stop=()))
+
+    def prefill(self, seqs: Iterable[Sequence]) -> Gen[list[Sequence]]:
+        """Compute appended tokens now (all but the last of each branch), sampling nothing."""
+        seqs = list(seqs)
+        for seq in seqs:
+            seq.prefill_only = True
+            self._run_again(seq)
+        yield from self.wait(seqs)
+        for seq in seqs:
+            seq.prefill_only = False
+        return seqs
+
+    def probe(self, seqs: Iterable[Sequence], token_ids: list[int]) -> Gen[list[list[float]]]:
+        """Next-token logprobs of `token_ids` after each branch (computing pending tokens first);
+        nothing is sampled and the branches park again."""
+        seqs = list(seqs)
+        for seq in seqs:
+            seq.probe_token_ids = list(token_ids)
+            self._run_again(seq)
+        yield from self.wait(seqs)
+        results = []
+        for seq in seqs:
+            results.append(seq.probe_logprobs or [-math.inf] * len(token_ids))   # lost to an error
+            seq.probe_logprobs = None
+        return results
+
+    def _run_again(self, seq: Sequence) -> None:
+        if seq.status is SequenceStatus.PARKED:   # (a fresh root is still queued: nothing to do)
+            self.engine.resume(seq)
+
+    def score(self, seqs: Iterable[Sequence], scorer: Callable) -> Gen[list[float]]:
+        """Scores of `seqs` (higher is better). `scorer(session, seqs)` returns a list, or is a
+        generator (it runs the model: self-evaluation) returning one."""
+        seqs = list(seqs)
+        if not seqs:
+            return []
+        result = scorer(self, seqs)
+        scores = (yield from result) if inspect.isgenerator(result) else list(result)
+        if len(scores) != len(seqs):
+            raise ValueError(f"scorer returned {len(scores)} scores for {len(seqs)} branches")
+        self.scorer_calls += len(seqs)
+        return [float(s) for s in scores]
+
+    # -- immediate primitives ---------------------------------------------------------------
+    def fork(self, seq: Sequence, n: int) -> list[Sequence]:
+        """n new branches sharing every KV block of `seq` (copy-on-write); they start parked."""
+        if seq.status is not SequenceStatus.PARKED and not seq.finished:
+            raise ValueError(f"fork a parked branch (this one is {seq.status.value}); step() parks branches")
+        children = self.engine.fork(seq, n)
+        for child in children:
+            child.step = StepLimits()
+        return children
+
+    def append(self, seq: Sequence, text_or_ids: str | list[int]) -> None:
+        """Extend a parked branch by forced text or token ids: computed when it next runs
+        (`prefill` to compute them now); no sampling."""
+        ids = (self.tokenizer.encode(text_or_ids, add_special_tokens=False)
+               if isinstance(text_or_ids, str) else list(text_or_ids))
+        self.engine.append(seq, ids)
+
+    def prune(self, seq: Sequence, reason: str = "pruned") -> None:
+        """Drop a branch and free its KV blocks now."""
+        if seq.finish_reason is None:
+            seq.finish_reason = reason
+        self.engine.release(seq)
+
+    def resample(self, seqs: list[Sequence], log_weights: list[float], k: int) -> tuple[list[Sequence], list[int]]:
+        """Draw k branches with replacement, with probabilities softmax(log_weights). A branch drawn
+        c times is kept and forked c-1 times, one never drawn is pruned: nothing is recomputed.
+        Returns the k branches and, for each, the index in `seqs` it descends from."""
+        if len(seqs) != len(log_weights) or not seqs:
+            raise ValueError("resample needs one log weight per branch, and at least one branch")
+        counts = Counter(self.rng.choices(range(len(seqs)), weights=softmax(log_weights), k=k))
+        out, origins = [], []
+        for i, seq in enumerate(seqs):
+            if counts[i] == 0:
+                self.prune(seq, "resampled-out")
+                continue
+            family = [seq] + self.fork(seq, counts[i] - 1)
+            out += family
+            origins += [i] * len(family)
+        return out, origins
+
+    # -- reading branches -------------------------------------------------------------------
+    @staticmethod
+    def is_complete(seq: Sequence) -> bool:
+        """The answer is over (EOS, stop, max_tokens, dropped)."""
+        return seq.finish_reason is not None
+
+    def is_live(self, seq: Sequence) -> bool:
+        """Parked with its KV and not complete: it can take another step."""
+        return seq.status is SequenceStatus.PARKED and seq.finish_reason is None
+
+    @staticmethod
+    def step_text(seq: Sequence) -> str:
+        """Text of the branch's latest step."""
+        return seq.text[seq.step.text_start:] if seq.step is not None else seq.text
+
+    def candidate(self, seq: Sequence, score: float | None = None,
+                  extract: Callable[[str], str | None] = extract_answer) -> Candidate:
+        return Candidate(seq.text, extract(seq.text), score, seq.finish_reason, seq.num_output_tokens)
+
+    def emit(self, event: str, **data) -> None:
+        """A progress event (streamed by the server)."""
+        self.events.append({"event": event, **data})
+
+    def usage(self) -> dict:
+        r, extra = self.request, self.extra_usage
+        return {"prompt_tokens_computed": r.tokens_prefilled + extra["prompt_tokens_computed"],
+                "prompt_tokens_cached": r.tokens_reused + extra["prompt_tokens_cached"],
+                "generated_tokens": r.tokens_generated + extra["generated_tokens"],
+                "scorer_calls": self.scorer_calls}
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free every branch still held and retire the request."""
+        if self.closed:
+            return
+        self.closed = True
+        for seq in list(self.request.seqs):
+            self.prune(seq, "closed")
+        self.engine.requests.pop(self.request.request_id, None)
+
+    def run(self, program: Gen[T]) -> T:
+        """Drive one primitive or program to completion right here (offline use)."""
+        return drive(self.engine, [program])[0]
+
+
+def softmax(log_weights: list[float]) -> list[float]:
+    top = max(log_weights)
+    if top == -math.inf:
+        return [1.0] * len(log_weights)
+    weights = [math.exp(w - top) for w in log_weights]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def drive(engine: LLMEngine, programs: list[Gen]) -> list:
+    """Run generator programs to completion, stepping the engine whenever all of them wait.
+
+    Offline only: the caller must be the engine's only driver. Returns their return values."""
+    results: list = [None] * len(programs)
+    pending = dict(enumerate(programs))
+    while pending:
+        for i, program in list(pending.items()):
+            try:
+                next(program)
+            except StopIteration as stop:
+                results[i] = stop.value
+                del pending[i]
+        if pending:
+            if not engine.scheduler.has_work:
+                raise RuntimeError("think programs wait on branches the engine is not running")
+            engine.step()
+    return results

@@ -1,0 +1,199 @@
+"""Running strategies: prompt + options -> ThinkResult, offline (LLM.think, the CLI) or one engine
+step at a time inside a server's engine loop (`start_think_request` + `ThinkRun.advance`)."""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+from ponder.engine.engine import LLMEngine
+from ponder.sampling_params import SamplingParams
+from ponder.think.primitives import Gen, ThinkSession
+from ponder.think.result import ThinkResult
+from ponder.think.strategies import STRATEGIES
+
+DEFAULT_STRATEGY = "self-consistency"
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "max_tokens": 512,
+                     "seed": None}
+ALIASES = {"sc": "self-consistency", "bon": "best-of-n", "beam": "beam-search", "pf": "particle-filtering"}
+
+
+class ThinkRun:
+    """One think request in progress. Call `advance()` between engine steps (on the thread that
+    steps the engine); it returns True once `result` is set. The run holds no engine lock."""
+
+    def __init__(self, session: ThinkSession, program: Gen[ThinkResult], strategy: str,
+                 contain_errors: bool = False):
+        self.session = session
+        self.strategy = strategy
+        self.contain_errors = contain_errors
+        self.result: ThinkResult | None = None
+        self._program = _closing(session, program)
+        self.started = time.monotonic()
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    @property
+    def request_id(self) -> str:
+        return self.session.request.request_id
+
+    def advance(self) -> bool:
+        """Run the strategy until it waits on the engine again (or ends)."""
+        if self.result is not None:
+            return True
+        request = self.session.request
+        lost = request.error or (None if request.request_id in self.session.engine.requests else "aborted")
+        try:
+            if lost:
+                raise RuntimeError(f"think request {request.request_id} ended: {lost}")
+            next(self._program)
+        except StopIteration as stop:
+            self.result = stop.value
+        except Exception as e:                      # this request fails; the engine and others go on
+            self._program.close()
+            if not self.contain_errors:
+                raise
+            self.result = ThinkResult(self.strategy, "", None, [], self.session.usage(),
+                                      error=f"{type(e).__name__}: {e}")
+        return self.result is not None
+
+    def abort(self) -> None:
+        """Stop now and free every branch (client gone)."""
+        self._program.close()
+        if self.result is None:
+            self.result = ThinkResult(self.strategy, "", None, [], self.session.usage(), error="aborted")
+
+    def drain_events(self) -> list[dict]:
+        """Progress events since the last call (strategy phases, scores), for streaming."""
+        events, self.session.events = self.session.events, []
+        return events
+
+
+def _closing(session: ThinkSession, program: Gen[ThinkResult]) -> Gen[ThinkResult]:
+    """The program, with usage filled in and every branch freed however it ends."""
+    try:
+        result = yield from program
+        result.usage = session.usage()
+        result.num_prompt_tokens = session.root.num_prompt_tokens
+        return result
+    finally:
+        session.close()
+
+
+def start_think(engine: LLMEngine, prompt, strategy: str = DEFAULT_STRATEGY, *, chat: bool | None = None,
+                request_id: str | None = None, contain_errors: bool = False, **options) -> ThinkRun:
+    """Queue a think request and run its strategy up to its first wait. Raises ValueError for an
+    unknown strategy, an unknown option, a bad value or a prompt that cannot be served."""
+    name = ALIASES.get(strategy, strategy)
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    fn = STRATEGIES[name]
+    sampling = {k: options.pop(k) for k in list(options) if k in SAMPLING_DEFAULTS}
+    accepted = [p for p in inspect.signature(fn).parameters if p != "s"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown option(s) for {name}: {', '.join(unknown)}; valid: "
+                         f"{', '.join(accepted + list(SAMPLING_DEFAULTS))}")
+    params = SamplingParams(**{**SAMPLING_DEFAULTS, **sampling})
+    ids, messages, question = build_prompt(engine.tokenizer, prompt, chat)
+    session = ThinkSession(engine, ids, params, messages=messages, prompt_text=question, request_id=request_id)
+    run = ThinkRun(session, fn(session, **options), name, contain_errors=False)
+    run.advance()                    # bad option values surface here, before the request is accepted
+    run.contain_errors = contain_errors
+    return run
+
+
+def think(engine: LLMEngine, prompts: list, strategy: str = DEFAULT_STRATEGY, **options) -> list[ThinkResult]:
+    """Run one strategy on every prompt as one batch (their branches share engine steps); offline:
+    the caller must be the engine's only driver."""
+    runs = []
+    try:
+        for prompt in prompts:
+            runs.append(start_think(engine, prompt, strategy, **dict(options)))
+        while not all([run.advance() for run in runs]):
+            if not engine.scheduler.has_work:
+                raise RuntimeError("think strategies wait on branches the engine is not running")
+            engine.step()
+    finally:
+        for run in runs:
+            if not run.done:
+                run.abort()
+    return [run.result for run in runs]
+
+
+def build_prompt(tokenizer, prompt, chat: bool | None = None) -> tuple[list[int], list[dict] | None, str]:
+    """(token ids, messages or None, question text). A string becomes a user message when the model
+    has a chat template (unless chat=False); a list of messages always uses the template; a list
+    of token ids is used as is."""
+    if isinstance(prompt, str):
+        if not (chat if chat is not None else bool(tokenizer.chat_template)):
+            return tokenizer.encode(prompt), None, prompt
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        messages = [dict(m) for m in prompt]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        users = [m.get("content", "") for m in messages if m.get("role") == "user"]
+        return tokenizer.encode(text, add_special_tokens=False), messages, users[-1] if users else text
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return list(prompt), None, tokenizer.decode(list(prompt))
+    raise ValueError("a think prompt is a string, a list of chat messages or a list of token ids")
+
+
+# -- the server surface -------------------------------------------------------------------------
+def think_options_from_body(body: dict) -> tuple[str, dict]:
+    """(strategy, options) from an OpenAI chat request with a `"ponder": {"strategy": ...}` field;
+    temperature, top_p, seed and max_tokens of the body apply unless "ponder" sets them."""
+    ponder = body.get("ponder")
+    if not isinstance(ponder, dict):
+        raise ValueError('"ponder" must be an object like {"strategy": "self-consistency", "n": 8}')
+    options = dict(ponder)
+    strategy = options.pop("strategy", DEFAULT_STRATEGY)
+    if not isinstance(strategy, str):
+        raise ValueError('"ponder.strategy" must be a string')
+    for key in ("temperature", "top_p", "top_k", "min_p", "seed"):
+        if body.get(key) is not None:
+            options.setdefault(key, body[key])
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        options.setdefault("max_tokens", max_tokens)
+    return strategy, options
+
+
+def start_think_request(engine: LLMEngine, messages: list[dict], options: dict,
+                        request_id: str | None = None) -> ThinkRun:
+    """For the server's engine loop: call on the loop thread, between engine steps; then call
+    `run.advance()` after every engine step until it returns True. Errors after the start end
+    only this request (`result.error`)."""
+    options = dict(options)
+    strategy = options.pop("strategy", DEFAULT_STRATEGY)
+    return start_think(engine, messages, strategy, request_id=request_id, contain_errors=True, **options)
+
+
+def run_think_request(engine: LLMEngine, messages: list[dict], options: dict) -> ThinkResult:
+    """Blocking: run a think request to the end, stepping the engine here (only when nothing else
+    drives this engine)."""
+    run = start_think_request(engine, messages, options)
+    while not run.advance():
+        engine.step()
+    return run.result
+
+
+def chat_completion_response(result: ThinkResult, model: str, request_id: str,
+                             created: int | None = None) -> dict:
+    """An OpenAI chat.completion body for a think result; the details ride along under "ponder"."""
+    usage = result.usage
+    completion = usage.get("generated_tokens", 0)
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": created if created is not None else int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer},
+                     "finish_reason": "stop" if result.error is None else "error"}],
+        "usage": {"prompt_tokens": result.num_prompt_tokens, "completion_tokens": completion,
+                  "total_tokens": result.num_prompt_tokens + completion,
+                  "prompt_tokens_details": {"cached_tokens": usage.get("prompt_tokens_cached", 0)}},
+        "ponder": result.to_dict(),
+    }

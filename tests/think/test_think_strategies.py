@@ -1,0 +1,237 @@
+"""Strategy logic on controllable cases: scripted bigram models and scripted scorers."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from ponder import SamplingParams
+from ponder.think import ThinkSession, exact_match, extract_answer
+from ponder.think.confidence import trace_confidence
+from ponder.think.scorers import RewardModelScorer, SelfEvalScorer, evaluation_suffix
+from ponder.think.strategies import (beam_search, best_of_n, deepconf, parallel, particle_filtering,
+                                     self_consistency)
+from ponder.think.voting import pass_at_k
+
+from .conftest import EOS
+
+# answers "1" spelt four ways, "2", or nothing
+VOTES_SCRIPT = {">": {"1": 0.3, "$": 0.2, "2": 0.3, "w": 0.2}, "$": {"1": 1.0}, "1": {"EOS": 0.5, ".": 0.5},
+                ".": {"0": 1.0}, "0": {"EOS": 1.0}, "2": {"EOS": 1.0}, "w": {"EOS": 1.0},
+                ":": {"Y": 0.8, "N": 0.2}}
+PROMPT = list(b"Q>")
+
+
+def _session(engine, **params):
+    params = {"temperature": 0.8, "seed": 3, "max_tokens": 20, **params}
+    return ThinkSession(engine, PROMPT, SamplingParams(**params))
+
+
+def _finish(s, engine):
+    s.close()
+    engine.pool.check_empty()
+
+
+class Recorder:
+    """A scorer from a function of the output token ids, remembering what it saw."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, session, seqs):
+        scores = [self.fn(tuple(s.output_token_ids)) for s in seqs]
+        self.calls.append([(tuple(s.output_token_ids), score, s.finish_reason) for s, score in zip(seqs, scores)])
+        return scores
+
+
+def _hash_score(ids):
+    return 0.05 + 0.9 * ((hash(ids) * 2654435761) % 10007) / 10007
+
+
+def test_majority_vote_counts_normalised_answers(make_bigram_engine):
+    engine = make_bigram_engine(VOTES_SCRIPT)
+    s = _session(engine)
+    result = s.run(self_consistency(s, n=24))
+    answers = [extract_answer(c.text) for c in result.candidates]
+    expected = Counter(a for a in answers if a is not None)
+    assert result.votes == dict(expected)
+    assert result.final_answer == expected.most_common(1)[0][0]
+    spellings_of_one = {c.text for c in result.candidates if c.answer == "1"}
+    assert len(spellings_of_one) >= 3                  # "1", "1.0", "$1", "$1.0" vote together
+    assert result.answer in spellings_of_one or result.final_answer != "1"
+    _finish(s, engine)
+
+
+def test_weighted_vote_follows_scores(make_bigram_engine):
+    engine = make_bigram_engine(VOTES_SCRIPT)
+    s = _session(engine)
+    heavy_two = lambda session, seqs: [10.0 if extract_answer(q.text) == "2" else 1.0 for q in seqs]
+    result = s.run(self_consistency(s, n=24, vote="weighted", scorer=heavy_two))
+    counts = Counter(c.answer for c in result.candidates)
+    assert counts["1"] > counts["2"] > 0                # majority would pick "1"
+    assert result.final_answer == "2" and result.votes["2"] == 10.0 * counts["2"]
+    _finish(s, engine)
+
+
+def test_best_of_n_with_a_verifier_and_parallel_pass_at_k(make_bigram_engine):
+    engine = make_bigram_engine(VOTES_SCRIPT)
+    s = _session(engine)
+    result = s.run(best_of_n(s, n=8, scorer=exact_match("2")))
+    assert result.final_answer == "2" and max(c.score for c in result.candidates) == 1.0
+    assert s.usage()["scorer_calls"] == 8
+    _finish(s, engine)
+    s = _session(engine)
+    result = s.run(parallel(s, n=8, reference="1"))
+    correct = sum(c.answer == "1" for c in result.candidates)
+    assert result.metrics["num_correct"] == correct
+    assert result.metrics["pass@1"] == pytest.approx(correct / 8)
+    assert result.metrics["pass@8"] == (1.0 if correct else 0.0)
+    assert result.metrics["pass@2"] == pytest.approx(pass_at_k(8, correct, 2))
+    _finish(s, engine)
+
+
+def test_self_eval_reads_label_probabilities_and_frees_its_forks(make_bigram_engine):
+    engine = make_bigram_engine(VOTES_SCRIPT)             # after "Answer:" the model says Y 0.8 / N 0.2
+    s = _session(engine)
+    result = s.run(best_of_n(s, n=4, scorer="self-eval"))
+    assert [c.score for c in result.candidates] == pytest.approx([0.8] * 4, abs=1e-4)
+    usage = s.usage()
+    question_tokens = len(evaluation_suffix(engine.tokenizer, None, SelfEvalScorer().question).encode())
+    assert usage["scorer_calls"] == 4
+    assert usage["prompt_tokens_computed"] >= 4 * question_tokens      # only the question is prefilled
+    assert usage["prompt_tokens_computed"] <= len(PROMPT) + 4 * (question_tokens + 2)
+    assert len(s.request.seqs) == 1 + 4                                # forks of the judge are gone
+    _finish(s, engine)
+
+
+def test_a_second_model_judges_as_a_reward_model(make_bigram_engine):
+    engine = make_bigram_engine(VOTES_SCRIPT)
+    judge = make_bigram_engine({"\n": {"Y": 0.3, "N": 0.7}})    # it reads a chat: "...assistant\n"
+    s = _session(engine)
+    result = s.run(best_of_n(s, n=3, scorer=RewardModelScorer(judge)))
+    assert [c.score for c in result.candidates] == pytest.approx([0.3] * 3, abs=1e-4)
+    assert s.usage()["prompt_tokens_computed"] > 3 * 40                # the judge's prefill is counted
+    judge.pool.check_empty()
+    _finish(s, engine)
+    s = _session(engine)
+    result = s.run(best_of_n(s, n=3, scorer=RewardModelScorer(lambda q, outs: [len(o) for o in outs])))
+    assert [c.score for c in result.candidates] == [len(c.text) for c in result.candidates]
+    _finish(s, engine)
+
+
+def test_evaluation_suffix_closes_the_turn_once(make_bigram_engine):
+    engine = make_bigram_engine({})
+    tok = engine.tokenizer
+    suffix = evaluation_suffix(tok, [{"role": "user", "content": "Q"}], "Right?")
+    assert suffix == "<|im_end|>\n<|im_start|>user\nRight?<|im_end|>\n<|im_start|>assistant\n"
+    from ponder.think.scorers import _drop_repeated_end
+    ids = tok.encode(suffix, add_special_tokens=False)
+    assert ids[0] == EOS
+    assert _drop_repeated_end([5, EOS], ids, [EOS]) == ids[1:]
+    assert _drop_repeated_end([5, 6], ids, [EOS]) == ids
+
+
+def test_beam_search_keeps_the_top_n_over_m(make_tiny_engine):
+    engine = make_tiny_engine(num_kv_blocks=1024)
+    s = ThinkSession(engine, list(range(40, 70)),
+                     SamplingParams(temperature=1.0, seed=4, max_tokens=60, ignore_eos=True))
+    n, width, step = 8, 4, 4
+    scorer = Recorder(_hash_score)
+    result = s.run(beam_search(s, n=n, width=width, scorer=scorer, step_max_tokens=step, max_steps=5))
+    assert len(scorer.calls) == 5
+    for before, after in zip(scorer.calls, scorer.calls[1:]):
+        assert len(before) == n and len(after) == n
+        ranked = sorted(before, key=lambda entry: -entry[1])
+        kept = Counter(ids for ids, _, _ in ranked[:n // width])
+        length = len(before[0][0])
+        parents = Counter(ids[:length] for ids, _, _ in after)
+        assert parents == Counter({ids: c * width for ids, c in kept.items()})
+    best = max(result.candidates, key=lambda c: c.score)
+    assert best.score == max(score for _, score, _ in scorer.calls[-1]) and result.answer == best.text
+    _finish(s, engine)
+
+
+def test_particle_filtering_resamples_by_weight(make_tiny_engine):
+    engine = make_tiny_engine(num_kv_blocks=1024)
+    s = ThinkSession(engine, list(range(40, 70)),
+                     SamplingParams(temperature=1.0, seed=6, max_tokens=60, ignore_eos=True))
+    best_of_call = {}
+
+    def reward(ids):               # the best-hashed particle of each step gets almost all the weight
+        return 0.999 if best_of_call.get(len(ids)) == ids else 0.001
+
+    class Picker(Recorder):
+        def __call__(self, session, seqs):
+            ids = [tuple(q.output_token_ids) for q in seqs]
+            best_of_call[len(ids[0])] = max(ids, key=_hash_score)
+            return super().__call__(session, seqs)
+
+    scorer = Picker(reward)
+    result = s.run(particle_filtering(s, n=8, scorer=scorer, step_max_tokens=3, max_steps=4))
+    for before, after in zip(scorer.calls, scorer.calls[1:]):
+        winner = best_of_call[len(before[0][0])]
+        assert all(ids[:len(winner)] == winner for ids, _, _ in after)
+    assert result.candidates[0].score == pytest.approx(np.log(0.999 / 0.001))
+    _finish(s, engine)
+
+
+def test_particle_filtering_stopped_particles_keep_their_weight(make_bigram_engine):
+    engine = make_bigram_engine({">": {"a": 0.5, "b": 0.5}, "b": {"b": 1.0}})   # "a" ends at once
+    s = _session(engine, max_tokens=12)
+    scorer = Recorder(lambda ids: 0.9 if ids[0] == ord("a") else 0.5)
+    result = s.run(particle_filtering(s, n=8, scorer=scorer, step_max_tokens=2, max_steps=6))
+    assert any(ids[0] == ord("a") for ids, _, _ in scorer.calls[0])
+    for call in scorer.calls[1:]:                       # finished particles are never stepped or rescored
+        assert all(ids[0] == ord("b") for ids, _, _ in call)
+    finished = [c for c in result.candidates if c.text == "a"]
+    assert len(finished) >= 6                           # weight logit(0.9) beats logit(0.5) at every draw
+    assert all(c.score == pytest.approx(np.log(9)) for c in finished)
+    assert result.answer == "a"
+    _finish(s, engine)
+
+
+DEEPCONF_SCRIPT = {">": {"a": 0.5, "b": 0.5},
+                   "a": {"a": 0.6, "1": 0.3, "2": 0.1}, "1": {"EOS": 1.0}, "2": {"EOS": 1.0},
+                   **{c: {d: 0.1 for d in "bcdefghijk"} for c in "bcdefghijk"}}   # flat: low confidence
+
+
+def _warmup_threshold(result, warmup, window, keep_top):
+    return float(np.percentile([c.score for c in result.candidates[:warmup]], 100 * (1 - keep_top)))
+
+
+def test_deepconf_stops_low_confidence_traces(make_bigram_engine):
+    engine = make_bigram_engine(DEEPCONF_SCRIPT)
+    s = _session(engine, max_tokens=16, seed=2)
+    window = 4
+    result = s.run(deepconf(s, n=24, warmup=8, keep_top=0.5, window=window, consensus=1.0, top_logprobs=5))
+    threshold = result.metrics["threshold"]
+    assert threshold == pytest.approx(_warmup_threshold(result, 8, window, 0.5))
+    assert 2.5 < threshold < 8                          # warm-up mixed confident "a" and flat "b" traces
+    low = [c for c in result.candidates if c.finish_reason == "low-confidence"]
+    assert low and all(c.text.startswith("b") and c.num_tokens == window for c in low)
+    online_kept = result.candidates[8:len(result.candidates) - len(low)]
+    assert online_kept and all(c.text.startswith("a") for c in online_kept)
+    assert result.final_answer == "1"
+    assert s.usage()["generated_tokens"] < 24 * 16
+    _finish(s, engine)
+
+
+def test_deepconf_stops_everything_at_consensus(make_bigram_engine):
+    engine = make_bigram_engine(DEEPCONF_SCRIPT)
+    s = _session(engine, max_tokens=16, seed=8)
+    result = s.run(deepconf(s, n=24, warmup=8, keep_top=0.5, window=4, consensus=0.5, top_logprobs=5))
+    stopped = [c for c in result.candidates if c.finish_reason == "consensus"]
+    assert len(stopped) == 16 and all(c.num_tokens == 0 for c in stopped)
+    assert result.final_answer == "1"
+    _finish(s, engine)
+
+
+def test_confidence_kinds():
+    from ponder.outputs import Logprob
+
+    lps = [Logprob(0, -0.1, {0: -0.1, 1: -3.0}), Logprob(0, -1.0, {0: -1.0, 1: -1.0}),
+           Logprob(0, -0.1, {0: -0.1, 1: -5.0})]
+    confs = [1.55, 1.0, 2.55]
+    assert trace_confidence(lps, "mean") == pytest.approx(sum(confs) / 3)
+    assert trace_confidence(lps, "min-window", window=2) == pytest.approx(min(1.275, 1.775))
+    assert trace_confidence(lps, "tail", window=1) == pytest.approx(2.55)

@@ -1,0 +1,130 @@
+"""LLM.think, the server helpers, the CLI parser, and one run on a real model."""
+
+import json
+
+import pytest
+
+from ponder import SamplingParams
+from ponder.cli import build_parser
+from ponder.llm import LLM
+from ponder.think import (chat_completion_response, run_think_request, start_think_request,
+                          think_options_from_body)
+from ponder.think.cli import think_options
+
+PROMPT = list(range(40, 70))
+
+
+def test_llm_think_single_and_batch(make_tiny_engine):
+    engine = make_tiny_engine()
+    llm = LLM.from_engine(engine)
+    one = llm.think(PROMPT, "self-consistency", n=4, max_tokens=8, seed=1)
+    assert len(one.candidates) == 4 and isinstance(one.answer, str)
+    assert set(one.usage) == {"prompt_tokens_computed", "prompt_tokens_cached", "generated_tokens",
+                              "scorer_calls"}
+    many = llm.think(["hello", "world!"], "best-of-n", n=2, scorer="confidence", max_tokens=6, chat=False)
+    assert [len(r.candidates) for r in many] == [2, 2]
+    assert all(c.score is not None for r in many for c in r.candidates)
+    chat = llm.think([{"role": "user", "content": "hi"}], "greedy", max_tokens=5)
+    assert chat.num_prompt_tokens > 10                       # rendered with the chat template
+    assert not engine.has_unfinished_requests()
+    engine.pool.check_empty()
+
+
+def test_bad_options_are_rejected_before_anything_runs(make_tiny_engine):
+    engine = make_tiny_engine()
+    llm = LLM.from_engine(engine)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        llm.think(PROMPT, "tree-of-thought")
+    with pytest.raises(ValueError, match="unknown option"):
+        llm.think(PROMPT, "greedy", n=4)
+    with pytest.raises(ValueError, match="vote"):
+        llm.think(PROMPT, "self-consistency", vote="loudest")
+    with pytest.raises(ValueError, match="temperature"):
+        llm.think(PROMPT, "parallel", temperature=-1)
+    with pytest.raises(ValueError, match="unknown scorer"):
+        llm.think(PROMPT, "best-of-n", scorer="vibes")
+    assert not engine.has_unfinished_requests()
+    engine.pool.check_empty()
+
+
+def test_server_helpers(make_tiny_engine):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 6,
+            "temperature": 0.5, "ponder": {"strategy": "self-consistency", "n": 3}}
+    strategy, options = think_options_from_body(body)
+    assert strategy == "self-consistency" and options == {"n": 3, "temperature": 0.5, "max_tokens": 6}
+    engine = make_tiny_engine()
+    result = run_think_request(engine, body["messages"], {"strategy": strategy, **options})
+    response = chat_completion_response(result, "tiny", "chatcmpl-1")
+    json.dumps(response)
+    assert response["choices"][0]["message"]["content"] == result.answer
+    assert response["usage"]["completion_tokens"] == result.usage["generated_tokens"] == 18
+    assert response["ponder"]["usage"] == result.usage and len(response["ponder"]["candidates"]) == 3
+    with pytest.raises(ValueError):
+        think_options_from_body({"ponder": "sc"})
+    engine.pool.check_empty()
+
+
+def test_think_runs_inside_an_engine_loop_with_other_requests(make_tiny_engine):
+    engine = make_tiny_engine()
+    plain = engine.add_request(list(range(1, 20)), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    runs = [start_think_request(engine, [{"role": "user", "content": q}],
+                                {"strategy": "beam-search", "n": 4, "width": 2, "scorer": "confidence-tail",
+                                 "step_max_tokens": 3, "max_steps": 3, "max_tokens": 20})
+            for q in ("a?", "b?")]
+    events = []
+    while not all(run.done for run in runs) or engine.has_unfinished_requests():
+        engine.step()                         # the loop the server runs: step, then advance each run
+        for run in runs:
+            run.advance()
+            events += run.drain_events()
+    assert plain.seqs[0].num_output_tokens == 30
+    assert all(run.result.error is None and len(run.result.candidates) == 4 for run in runs)
+    assert sum(e["event"] == "beam-step" for e in events) == 6
+    engine.pool.check_empty()
+
+
+def test_a_failing_think_request_ends_alone(make_tiny_engine):
+    engine = make_tiny_engine()
+
+    def broken(session, seqs):
+        raise RuntimeError("scorer exploded")
+
+    bad = start_think_request(engine, [{"role": "user", "content": "x"}],
+                              {"strategy": "best-of-n", "n": 2, "scorer": broken, "max_tokens": 4})
+    good = start_think_request(engine, [{"role": "user", "content": "y"}],
+                               {"strategy": "self-consistency", "n": 2, "max_tokens": 4})
+    aborted = start_think_request(engine, [{"role": "user", "content": "z"}],
+                                  {"strategy": "self-consistency", "n": 2, "max_tokens": 40})
+    engine.step()
+    aborted.advance()
+    aborted.abort()
+    while not (bad.done and good.done):
+        engine.step()
+        bad.advance()
+        good.advance()
+    assert "scorer exploded" in bad.result.error and good.result.error is None
+    assert aborted.result.error == "aborted"
+    assert not engine.has_unfinished_requests()
+    engine.pool.check_empty()
+
+
+def test_cli_parses_think():
+    args = build_parser().parse_args(["think", "What is 6*7?", "--strategy", "self-consistency", "-n", "8"])
+    assert args.func.__name__ == "cmd_think"
+    assert think_options(args) == {"n": 8, "max_tokens": 512, "temperature": 0.8, "top_p": 1.0, "seed": None}
+    args = build_parser().parse_args(["think", "q", "--strategy", "beam", "--width", "2", "--scorer", "self-eval"])
+    assert think_options(args)["width"] == 2 and args.strategy == "beam"
+
+
+@pytest.mark.slow
+def test_real_model_self_consistency_shares_the_prompt(default_llm):
+    engine = default_llm.engine
+    question = "Tom has 3 apples and buys 4 more. How many apples does he have? Answer with a number."
+    result = default_llm.think(question, "self-consistency", n=4, max_tokens=24, seed=0)
+    prompt_len = result.num_prompt_tokens
+    assert len(result.candidates) == 4 and all(c.num_tokens <= 24 for c in result.candidates)
+    assert result.usage["prompt_tokens_computed"] + result.usage["prompt_tokens_cached"] >= 4 * (prompt_len - 1)
+    assert result.usage["prompt_tokens_computed"] <= prompt_len + 4
+    scored = default_llm.think(question, "best-of-n", n=2, scorer="self-eval", max_tokens=16, seed=0)
+    assert all(0.0 < c.score < 1.0 for c in scored.candidates)
+    assert not engine.has_unfinished_requests()
