@@ -107,7 +107,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     cm.add_argument("--input-lens", type=_int_list, default=[32, 128, 256])
     cm.add_argument("--output-lens", type=_int_list, default=[16, 64])
     cm.add_argument("--seed", type=int, default=0)
-    _output_args(cm)
+    cm.add_argument("--output", default=None, help="results JSON path")
+    cm.add_argument("--no-progress", action="store_true")
     cm.set_defaults(bench_func=cmd_costmodel)
     return bench
 
@@ -141,11 +142,12 @@ def _slos(args) -> dict[str, float]:
     return parse_slos(args.goodput)
 
 
-def _finish(args, command: str, runs, **extra) -> None:
+def _finish(args, command: str, runs, show_tables: bool = True, **extra) -> None:
     """Print the tables; write the JSON and the plots if --output was given."""
     from ponder.bench import report
 
-    print(report.tables(runs))
+    if show_tables:
+        print(report.tables(runs))
     if not args.output:
         return
     report.write_json(args.output, report.results_document(command, runs, **extra))
@@ -334,8 +336,13 @@ def cmd_costmodel(args) -> int:
         runs.append(run)
     model = fit_cost_model([r.metrics.prompt_tokens for r in runs], [r.metrics.output_tokens for r in runs],
                            [r.duration_s for r in runs])
+    print(f"{'run':<16} {'prompt tok':>10} {'output tok':>10} {'runtime s':>10} {'fit s':>8}")
+    for r in runs:
+        m = r.metrics
+        print(f"{r.name:<16} {m.prompt_tokens:>10} {m.output_tokens:>10} {r.duration_s:>10.2f} "
+              f"{model.predict(m.prompt_tokens, m.output_tokens):>8.2f}")
     print(f"runtime ≈ {model.a:.3f} s + {model.b * 1e3:.4f} ms × prompt_tokens + "
           f"{model.c * 1e3:.4f} ms × output_tokens   (R² = {model.r2:.3f}, {len(runs)} runs)")
-    args.no_plots, args.goodput = True, None
-    _finish(args, "costmodel", runs, cost_model=dataclasses.asdict(model))
+    args.no_plots = True
+    _finish(args, "costmodel", runs, show_tables=False, cost_model=dataclasses.asdict(model))
     return 0

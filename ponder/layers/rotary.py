@@ -26,7 +26,7 @@ def _llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    """Precomputed cos/sin tables indexed by position."""
+    """Precomputed cos/sin tables; `tables(positions)` once per step, `apply` per layer."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None = None,
                  dtype: torch.dtype = torch.float32):
@@ -34,13 +34,15 @@ class RotaryEmbedding:
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(dtype)
-        self.sin = emb.sin().to(dtype)
+        # sin with rotate-half's sign folded in: rotate_half(x) * sin == swap_halves(x) * signed_sin
+        self.signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(dtype)
         self.half = head_dim // 2
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [tokens, heads, head_dim]; positions: [tokens]."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        x1, x2 = x[..., : self.half], x[..., self.half:]
-        rotated = torch.cat((-x2, x1), dim=-1)
-        return x * cos + rotated * sin
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
+
+    def apply(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [tokens, heads, head_dim] -> rotated copy."""
+        cos, signed_sin = tables
+        swapped = torch.cat((x[..., self.half:], x[..., : self.half]), dim=-1)
+        return x * cos + swapped * signed_sin   # as HF computes it (no fused multiply-add)

@@ -30,16 +30,16 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x, positions, rope: RotaryEmbedding, kv_cache, meta: AttentionMetadata):
-        qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(q, positions), rope(k, positions)
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+    def forward(self, x, rope: RotaryEmbedding, rope_tables, kv_cache, meta: AttentionMetadata):
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(-1, heads + 2 * kv_heads, self.head_dim)
+        v = qkv[:, heads + kv_heads:]
+        if self.q_norm is None:
+            qk = rope.apply(qkv[:, :heads + kv_heads], rope_tables)   # q and k rotated in one pass
+        else:
+            qk = torch.cat((self.q_norm(qkv[:, :heads]), self.k_norm(qkv[:, heads:heads + kv_heads])), dim=1)
+            qk = rope.apply(qk, rope_tables)
+        o = paged_attention(qk[:, :heads], qk[:, heads:], v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
@@ -62,8 +62,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, rope, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_cache, meta)
+    def forward(self, x, rope, rope_tables, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope, rope_tables, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -83,8 +83,9 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [T, hidden] for a flat batch of T tokens."""
         x = self.embed_tokens(input_ids)
+        rope_tables = self.rope.tables(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rope, kv_cache, meta)
+            x = layer(x, self.rope, rope_tables, kv_cache, meta)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -158,7 +158,8 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
                     renderer_type: type[_Renderer]) -> Response:
     state = _state(request)
     check_model(body.model, state.model_name)
-    prompts = body.prompt_token_ids(state.tokenizer, state.limits)
+    # templates and tokenizers take a while on long prompts: off the event loop, which serves the streams
+    prompts = await asyncio.to_thread(body.prompt_token_ids, state.tokenizer, state.limits)
     params = body.sampling_params(prompts, state.limits)
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
     stream = await _submit(state, prompts, params, request_id, body.prompt_field)

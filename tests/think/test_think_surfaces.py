@@ -117,14 +117,37 @@ def test_cli_parses_think():
 
 
 @pytest.mark.slow
-def test_real_model_self_consistency_shares_the_prompt(default_llm):
+def test_real_model_best_of_n_shares_the_prompt_and_self_evaluates(default_llm):
     engine = default_llm.engine
-    question = "Tom has 3 apples and buys 4 more. How many apples does he have? Answer with a number."
-    result = default_llm.think(question, "self-consistency", n=4, max_tokens=24, seed=0)
+    question = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+    result = default_llm.think(question, "best-of-n", n=3, scorer="self-eval", max_tokens=8, seed=0)
     prompt_len = result.num_prompt_tokens
-    assert len(result.candidates) == 4 and all(c.num_tokens <= 24 for c in result.candidates)
-    assert result.usage["prompt_tokens_computed"] + result.usage["prompt_tokens_cached"] >= 4 * (prompt_len - 1)
-    assert result.usage["prompt_tokens_computed"] <= prompt_len + 4
-    scored = default_llm.think(question, "best-of-n", n=2, scorer="self-eval", max_tokens=16, seed=0)
-    assert all(0.0 < c.score < 1.0 for c in scored.candidates)
+    assert len(result.candidates) == 3 and all(c.num_tokens <= 8 for c in result.candidates)
+    assert all(0.0 < c.score < 1.0 for c in result.candidates)
+    assert result.answer == max(result.candidates, key=lambda c: c.score).text
+    # the prompt once (or from the prefix cache), one token per branch, then only the questions
+    assert result.usage["prompt_tokens_cached"] >= 3 * (prompt_len - 1)
+    assert result.usage["prompt_tokens_computed"] <= prompt_len + 3 + 3 * 40
     assert not engine.has_unfinished_requests()
+
+
+def test_gsm8k_benchmark_smoke(make_tiny_engine, tmp_path):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "think_gsm8k.py")
+    spec = importlib.util.spec_from_file_location("think_gsm8k", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "so\\n#### 2"}\n{"question": "2+2?", "answer": "#### 4"}\n'
+                    '{"question": "3+3?", "answer": "#### 6"}\n')
+    engine = make_tiny_engine(num_kv_blocks=1024)
+    out = tmp_path / "report.json"
+    report = bench.main(["--data", str(data), "--limit", "2", "--budget", "4", "--max-tokens", "6",
+                         "--out", str(out)], llm=LLM.from_engine(engine))
+    assert report["problems"] == 2 and len(report["strategies"]) == 5
+    for row in report["strategies"].values():
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["generated_tokens"] > 0 and len(row["per_problem"]) == 2
+    assert json.loads(out.read_text())["strategies"].keys() == report["strategies"].keys()
+    engine.pool.check_empty()
