@@ -125,6 +125,8 @@ class LLMEngine:
         touched = {seq.request for seq in plan.failed + plan.out_of_blocks}
         for seq in plan.failed:
             self._fail(seq.request, f"prompt of {seq.num_tokens} tokens does not fit in the KV cache")
+        if plan.failed:   # a failed request's other sequences may have been scheduled: drop them
+            plan.chunks = [ch for ch in plan.chunks if not ch.seq.finished]
         for seq in plan.out_of_blocks:
             seq.finish_reason = "length"
         self._account_prefix_hits(plan)

@@ -88,6 +88,8 @@ class ThinkSession:
     def launch(self, seqs: Iterable[Sequence], stop: Iterable[str] = (), max_tokens: int | None = None,
                stop_token_ids: Iterable[int] = ()) -> list[Sequence]:
         """Start one step on each live branch without waiting (see `step`); returns those started."""
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"a step's max_tokens must be >= 1, got {max_tokens}")
         started = []
         for seq in seqs:
             if not self.is_live(seq):
@@ -140,13 +142,16 @@ class ThinkSession:
         if seq.status is SequenceStatus.PARKED:   # (a fresh root is still queued: nothing to do)
             self.engine.resume(seq)
 
-    def score(self, seqs: Iterable[Sequence], scorer: Callable) -> Gen[list[float]]:
+    def score(self, seqs: Iterable[Sequence], scorer) -> Gen[list[float]]:
         """Scores of `seqs` (higher is better). `scorer(session, seqs)` returns a list, or is a
-        generator (it runs the model: self-evaluation) returning one."""
+        generator (it runs the model: self-evaluation) returning one; a name ("self-eval",
+        "confidence", ...) or a verifier of the text works too (see scorers.make_scorer)."""
+        from ponder.think.scorers import make_scorer    # (scorers build on this module)
+
         seqs = list(seqs)
         if not seqs:
             return []
-        result = scorer(self, seqs)
+        result = make_scorer(scorer)(self, seqs)
         scores = (yield from result) if inspect.isgenerator(result) else list(result)
         if len(scores) != len(seqs):
             raise ValueError(f"scorer returned {len(scores)} scores for {len(seqs)} branches")

@@ -36,6 +36,8 @@ class ConfidenceScorer:
             raise ValueError(f"confidence kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
 
     def __call__(self, session: ThinkSession, seqs) -> list[float]:
+        if any(s.logprobs is None and s.num_output_tokens for s in seqs):
+            raise ValueError("confidence needs logprobs: call session.require_logprobs(k) before generating")
         return [trace_confidence(s.logprobs, self.kind, self.window) for s in seqs]
 
 

@@ -108,9 +108,9 @@ def deepconf(s: ThinkSession, n: int = 32, warmup: int = 16, keep_top: float = 0
             elif reached or (len(trace) >= window and trace.tail(window) < threshold):
                 b.finish_reason = "consensus" if reached else "low-confidence"
                 dropped.append(s.candidate(b, trace.lowest_group(window), extract))
-                s.prune(b)
             else:
                 continue
+            s.prune(b)                      # its KV is not needed any more
             online.remove(b)
         if online:
             yield

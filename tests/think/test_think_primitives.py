@@ -175,3 +175,60 @@ def test_step_searches_never_reprefill_earlier_steps(make_tiny_engine, strategy)
     assert usage["prompt_tokens_computed"] == len(PROMPT) - 1 + 8
     s.close()
     engine.pool.check_empty()
+
+
+def test_random_think_operations_return_every_block(make_tiny_engine):
+    """Random forks, steps, appends, probes, prunes, resamples and closes of think sessions, mixed
+    with plain requests and aborts, in a pool small enough to preempt: block accounting holds."""
+    import random
+
+    rng = random.Random(0)
+    engine = make_tiny_engine(num_kv_blocks=60, block_size=4, max_num_seqs=8, max_num_batched_tokens=32)
+    sessions, plain = [], []
+
+    def parked(s, live=True):
+        return [q for q in s.request.seqs if q.status is SequenceStatus.PARKED and (s.is_live(q) or not live)]
+
+    for _ in range(700):
+        r = rng.random()
+        open_sessions = [s for s in sessions if not s.closed]
+        s = rng.choice(open_sessions) if open_sessions else None
+        if r < 0.06 or s is None:
+            prompt = [rng.randrange(256) for _ in range(rng.randint(1, 25))]
+            sessions.append(ThinkSession(engine, prompt, SamplingParams(
+                temperature=rng.choice([0.0, 1.0]), max_tokens=rng.randint(4, 30), ignore_eos=True, seed=1)))
+        elif r < 0.16 and parked(s, live=False):
+            s.fork(rng.choice(parked(s, live=False)), rng.randint(1, 3))
+        elif r < 0.28 and parked(s):
+            s.launch(rng.sample(parked(s), min(3, len(parked(s)))), max_tokens=rng.randint(1, 6))
+        elif r < 0.34 and len(s.request.seqs) > 1:
+            s.prune(rng.choice(s.request.seqs))
+        elif r < 0.38 and parked(s, live=False):
+            branches = parked(s, live=False)
+            s.resample(branches, [rng.random() for _ in branches], rng.randint(1, 4))
+        elif r < 0.42 and parked(s):
+            q = rng.choice(parked(s))
+            if q.num_tokens + 3 < engine.max_model_len:
+                s.append(q, [rng.randrange(256) for _ in range(3)])
+        elif r < 0.46 and parked(s):
+            next(s.probe([rng.choice(parked(s))], [1, 2]))        # started; collected by nobody
+        elif r < 0.49 and parked(s):
+            next(s.prefill([rng.choice(parked(s))]))
+        elif r < 0.51:
+            s.close()
+        elif r < 0.55:
+            plain.append(engine.add_request([rng.randrange(256) for _ in range(rng.randint(1, 20))],
+                                            SamplingParams(n=rng.choice([1, 2]), max_tokens=8, ignore_eos=True)))
+        elif r < 0.57 and plain:
+            engine.abort_request(plain.pop(rng.randrange(len(plain))).request_id)
+        else:
+            engine.step()
+        seqs = {id(q): q for req in list(engine.requests.values()) + [x.request for x in sessions]
+                for q in req.seqs}
+        assert sum(engine.pool.ref_counts) == sum(len(q.block_table) for q in seqs.values())
+    for s in sessions:
+        s.close()
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.stats()["preemptions"] > 0
+    engine.pool.check_empty()
