@@ -30,7 +30,7 @@ from ponder.server.errors import (APIError, dumps, from_validation_error, instal
 from ponder.server.metrics import CONTENT_TYPE, ServerMetrics
 from ponder.server.protocol import (MAX_BODY_BYTES, ChatCompletionRequest, CompletionRequest, EngineLimits,
                                     check_model)
-from ponder.server.responses import (ChatRenderer, CompletionRenderer, DeltaTracker, TokenTexts, _Renderer,
+from ponder.server.responses import (ChatRenderer, CompletionRenderer, DeltaTracker, Renderer, TokenTexts,
                                      usage)
 
 
@@ -155,7 +155,7 @@ async def _read_body(request: Request, body_type):
 
 
 async def _generate(request: Request, body: CompletionRequest | ChatCompletionRequest, id_prefix: str,
-                    renderer_type: type[_Renderer]) -> Response:
+                    renderer_type: type[Renderer]) -> Response:
     state = _state(request)
     check_model(body.model, state.model_name)
     # templates and tokenizers take a while on long prompts: off the event loop, which serves the streams
@@ -204,7 +204,7 @@ class Generation:
 
     stream: RequestStream
     tracker: DeltaTracker
-    renderer: _Renderer
+    renderer: Renderer
     num_choices: int
     include_usage: bool
     engine: AsyncEngine

@@ -73,7 +73,7 @@ class TokenTexts:
         self.text = lru_cache(maxsize=1 << 16)(lambda token_id: tokenizer.decode([token_id], False))
 
 
-class _Renderer:
+class Renderer:
     """The envelope both endpoints share; subclasses render a choice and its logprobs."""
 
     object: str
@@ -102,7 +102,7 @@ class _Renderer:
         raise NotImplementedError
 
 
-class CompletionRenderer(_Renderer):
+class CompletionRenderer(Renderer):
     object = chunk_object = "text_completion"
 
     def __init__(self, request_id: str, model: str, texts: TokenTexts):
@@ -131,7 +131,7 @@ class CompletionRenderer(_Renderer):
         return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": offsets}
 
 
-class ChatRenderer(_Renderer):
+class ChatRenderer(Renderer):
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 

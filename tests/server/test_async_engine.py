@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 
 import pytest
 
 from ponder import SamplingParams
 from ponder.engine.async_engine import (AsyncEngine, EngineDeadError, EngineUnavailable, RequestAborted,
                                         StepReport)
+from ponder.llm import LLM
 from tests.server.conftest import make_tiny_engine
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
@@ -49,7 +49,6 @@ def test_streams_match_offline_and_batch(tiny):
 
     served = run(main())
     engine.pool.check_empty()
-    from ponder.llm import LLM
     offline = [o.outputs[0].token_ids for o in LLM.from_engine(tiny()).generate(prompts, GREEDY)]
     assert served == offline
     assert max(r.num_sampled for r in reports) == 3

@@ -48,7 +48,7 @@ def _bad_requests() -> list[tuple[str, bytes | dict, object]]:
         "stop_token_ids": [[-1], [10**9]], "stop": [[""], ""],
     }
     for path in (COMPLETIONS, CHAT):
-        for field, values in {**wrong_types, **out_of_range}.items():
+        for field, values in [*wrong_types.items(), *out_of_range.items()]:
             cases += [(path, {**_base(path), field: v}, field) for v in values]
         for field in ("foo", "tools", "functions", "response_format", "best_of", "suffix", "prompt_logprobs"):
             cases.append((path, {**_base(path), field: 1}, field))
