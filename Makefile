@@ -26,6 +26,9 @@ models: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/ponder generate --chat-template "Write a haiku about a small, fast language model." --max-tokens 64
 
+serve: $(STAMP)
+	$(VENV)/bin/ponder serve --host 127.0.0.1 --port 8000
+
 chat: $(STAMP)
 	$(VENV)/bin/ponder chat
 
