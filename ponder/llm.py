@@ -51,9 +51,10 @@ class LLM:
         show = use_tqdm if use_tqdm is not None else pending >= 16
         bar = tqdm(total=pending, desc="generate", unit="req", disable=not show)
         try:
-            while self.engine.has_unfinished_requests():
+            mine = set(order)
+            while len(results) < len(order):      # only our requests: a parked think session may stay
                 for out in self.engine.step():
-                    if out.finished:
+                    if out.finished and out.request_id in mine:
                         results[out.request_id] = out
                         bar.update(1)
         finally:
