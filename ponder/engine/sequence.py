@@ -59,7 +59,6 @@ class Sequence:
     text: str = ""
     prefix_offset: int = 0
     read_offset: int = 0
-    stop_check_from: int = 0
     logprobs: list[Logprob] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None

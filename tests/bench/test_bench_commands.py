@@ -4,7 +4,6 @@ Sizes are tiny (a few requests of a few tokens): these check that the commands w
 write what they promise, not the numbers. The llama.cpp runs need `make peers` and skip without it.
 """
 
-import importlib.util
 import json
 import os
 
@@ -28,8 +27,6 @@ def _have_llama_server() -> bool:
 
 
 needs_llama = pytest.mark.skipif(not _have_llama_server(), reason="llama-server not built (make peers)")
-needs_server = pytest.mark.skipif(importlib.util.find_spec("ponder.server.app") is None,
-                                  reason="ponder.server is not there yet")
 
 
 def _bench(tmp_path, *argv) -> dict:
@@ -92,7 +89,6 @@ def test_throughput_with_llamacpp_peer(tmp_path):
     assert llama["engine_counters"]["generation_tokens"] >= 32
 
 
-@needs_server
 def test_serve_against_a_started_ponder_server(tmp_path):
     doc = _bench(tmp_path, "serve", "--peer", "ponder", "--concurrency", "1,2", *SMALL,
                  "--ponder-args", "--num-kv-blocks 64", "--goodput", "ttft:600000", "tpot:600000")
