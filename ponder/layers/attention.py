@@ -1,19 +1,29 @@
-"""Paged attention in plain PyTorch.
+"""Paged attention on the CPU.
 
 The KV cache of a layer is `[num_blocks, block_size, kv_heads, head_dim]`; a sequence's block
-table says which blocks hold its tokens. A step's batch is split into at most two padded groups —
-decodes (one query each) and prefill chunks (many queries each, possibly on top of a cached
-prefix) — and each group runs as one `scaled_dot_product_attention` call over whole gathered
-blocks, so there is no Python loop over sequences on the hot path. Gathering whole blocks with
-`index_select` copies large contiguous rows; per-slot advanced indexing was 10x slower.
+table says which blocks hold its tokens. A step's batch is split into decodes (one query each)
+and prefill chunks (many queries each, possibly on top of a cached prefix):
+
+- Decodes run in the native kernel `ponder/kernels/paged_attention.c`, which reads each
+  sequence's K/V straight from its blocks: no gather, no padding to the longest context. Where no
+  C compiler exists they fall back to the padded path below.
+- Prefill chunks are padded into one group and run as one `scaled_dot_product_attention` call
+  over whole gathered blocks (`index_select` of whole blocks copies large contiguous rows;
+  per-slot advanced indexing was 10x slower).
+
+Either way there is no Python loop over sequences on the hot path.
 """
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
+
+from ponder import kernels
 
 
 @dataclass
@@ -28,9 +38,36 @@ class AttentionGroup:
 
 
 @dataclass
+class DecodeBatch:
+    """Decode rows for the native kernel: one query per sequence, unpadded contexts."""
+
+    rows: torch.Tensor          # [B] rows of the flat token batch
+    block_tables: torch.Tensor  # [B, NB] int64, contiguous
+    context_lens: torch.Tensor  # [B] int64 tokens each query attends to (itself included)
+    all_rows: bool              # the step is decodes only, in row order
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) each token writes
     groups: list[AttentionGroup]
+    decode: DecodeBatch | None = None
+
+
+@cache
+def _native_decode():
+    lib = kernels.load("paged_attention")
+    if lib is None:
+        return None
+    fn = lib.paged_decode_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] \
+        + [ctypes.c_int64] * 5 + [ctypes.c_float]
+    return fn
+
+
+def native_decode_available() -> bool:
+    return _native_decode() is not None
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -39,12 +76,33 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """q: [T, H, D]; k, v: [T, KVH, D]; caches: [blocks, block_size, KVH, D]. Returns [T, H, D]."""
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, meta.slot_mapping, v)
+    if meta.decode is not None and meta.decode.all_rows:
+        return decode_attention(q.contiguous(), k_cache, v_cache, meta.decode, scale)
     if len(meta.groups) == 1 and meta.groups[0].out_index.shape[0] == q.shape[0] == meta.groups[0].query_index.shape[0]:
-        return _group_attention(q, k_cache, v_cache, meta.groups[0], scale)   # all decodes: no reordering
+        return _group_attention(q, k_cache, v_cache, meta.groups[0], scale)   # one group, no reordering
     out = torch.empty_like(q)
+    if meta.decode is not None:
+        out.index_copy_(0, meta.decode.rows,
+                        decode_attention(q.index_select(0, meta.decode.rows), k_cache, v_cache, meta.decode, scale))
     for group in meta.groups:
         o = _group_attention(q, k_cache, v_cache, group, scale)
         out.index_copy_(0, group.out_index, o.index_select(0, group.out_select))
+    return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     decode: DecodeBatch, scale: float) -> torch.Tensor:
+    """The native kernel over contiguous q [B, H, D]; returns [B, H, D]."""
+    assert q.dtype == torch.float32 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    b, heads, dim = q.shape
+    out = torch.empty_like(q)
+    tables = decode.block_tables
+    status = _native_decode()(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                              tables.shape[1], decode.context_lens.data_ptr(), out.data_ptr(),
+                              b, heads, k_cache.shape[2], dim, k_cache.shape[1], scale)
+    if status != 0:
+        raise ValueError(f"native decode attention does not support heads={heads}, "
+                         f"kv_heads={k_cache.shape[2]}, head_dim={dim}")
     return out
 
 

@@ -1,8 +1,9 @@
 """ModelRunner: owns the KV cache tensors; turns scheduled chunks into one flat batch and runs it.
 
-Per step it builds token ids, positions, the slot each token writes, and for the two attention
-groups (decodes, prefill chunks) the padded query rows, the context slots and the causal mask —
-with numpy/torch ops over the batch, not Python loops over tokens.
+Per step it builds token ids, positions, the slot each token writes, the block tables and context
+lengths of the decodes (for the native kernel), and for the padded attention group(s) the query
+rows, the context slots and the causal mask — with numpy/torch ops over the batch, not Python loops
+over tokens.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ponder.layers.attention import AttentionGroup, AttentionMetadata
+from ponder.layers.attention import AttentionGroup, AttentionMetadata, DecodeBatch, native_decode_available
 from ponder.model.llama import LlamaForCausalLM
 
 
@@ -25,6 +26,8 @@ class ModelRunner:
         self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads,
                                     cfg.head_dim, dtype=dtype)
         self.kv_caches = [self.kv_cache[i] for i in range(cfg.num_layers)]
+        self.native_decode = (dtype == torch.float32 and cfg.head_dim <= 128 and cfg.num_heads // cfg.num_kv_heads <= 64
+                              and native_decode_available())
 
     @staticmethod
     def bytes_per_block(model_config, block_size: int, dtype: torch.dtype = torch.float32) -> int:
@@ -63,13 +66,17 @@ class ModelRunner:
         for i, (_, _, bt) in enumerate(chunks):
             tables[i, :len(bt)] = bt
         slot_mapping = tables[seq_of_token, pos // bs] * bs + pos % bs
-        groups = []
         decode = np.flatnonzero(lengths == 1)
         prefill = np.flatnonzero(lengths > 1)
-        for members in (decode, prefill):
-            if len(members):
-                groups.append(self._group(members, lengths, starts, offsets, tables))
-        meta = AttentionMetadata(torch.from_numpy(slot_mapping), groups)
+        padded = (decode, prefill) if not self.native_decode else (prefill,)
+        groups = [self._group(members, lengths, starts, offsets, tables) for members in padded if len(members)]
+        native = None
+        if self.native_decode and len(decode):
+            native = DecodeBatch(rows=torch.from_numpy(offsets[decode]),
+                                 block_tables=torch.from_numpy(np.ascontiguousarray(tables[decode])),
+                                 context_lens=torch.from_numpy(starts[decode] + 1),
+                                 all_rows=len(decode) == len(chunks))
+        meta = AttentionMetadata(torch.from_numpy(slot_mapping), groups, native)
         last_rows = torch.from_numpy(offsets[1:] - 1)
         return input_ids, torch.from_numpy(pos), meta, last_rows
 
