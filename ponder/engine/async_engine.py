@@ -6,8 +6,14 @@ the loop in one `call_soon_threadsafe` per step, whatever the number of requests
 only the newest output of each of its engine requests: outputs are cumulative, so a slow reader
 skips intermediate states instead of queueing them. With no work the thread blocks on the queue.
 
-Admission is bounded: past `max_waiting_requests` requests that would have to wait, `add` raises
-EngineUnavailable (an HTTP server answers 503 with Retry-After) instead of queueing without end.
+Think requests (`think`, ponder.think strategies) run on the same thread: after every engine step
+each live `ThinkRun` advances (forks, scores, prunes, ...), and its progress events and, at the
+end, its result go to a `ThinkStream`. The thread never blocks while a think run is live, even
+when the scheduler is idle between two of its phases.
+
+Admission is bounded: past `max_waiting_requests` requests that would have to wait, `add` (and
+`think`, which counts as one request) raises EngineUnavailable (an HTTP server answers 503 with
+Retry-After) instead of queueing without end.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from typing import AsyncIterator, Callable
 from ponder.engine.engine import LLMEngine
 from ponder.outputs import RequestOutput
 from ponder.sampling_params import SamplingParams
+from ponder.think.result import ThinkResult
+from ponder.think.run import ThinkRun, start_think_request
 
 logger = logging.getLogger("ponder.engine")
 
@@ -86,6 +94,71 @@ class RequestStream:
 
 
 @dataclass
+class ThinkUpdate:
+    """What one think run did since the last update: progress events, and its result at the end."""
+
+    events: list[dict]
+    result: ThinkResult | None = None
+
+
+class ThinkStream:
+    """Progress events and the result of one think request (see `AsyncEngine.think`)."""
+
+    def __init__(self, request_id: str):
+        self.request_ids = [request_id]
+        self.done = False              # the result came, or the run failed or was aborted
+        self.result: ThinkResult | None = None
+        self._events: list[dict] = []
+        self._result: ThinkResult | None = None
+        self._error: BaseException | None = None
+        self._changed = asyncio.Event()
+
+    def _receive(self, item: ThinkUpdate | BaseException) -> None:
+        if isinstance(item, BaseException):
+            self._error = item
+        else:
+            for event in item.events:      # a slow reader gets the newest snapshot only
+                if _is_progress(event) and self._events and _is_progress(self._events[-1]):
+                    self._events[-1] = event
+                else:
+                    self._events.append(event)
+            if item.result is not None:
+                self._result = item.result
+        self._changed.set()
+
+    async def updates(self) -> AsyncIterator[list[dict]]:
+        """Yield the progress events that came since the last yield, until the run ends; then
+        `result` is set. Raises RequestFailed (the strategy or the engine failed this request),
+        RequestAborted or EngineDeadError if it ends otherwise."""
+        while not self.done:
+            await self._changed.wait()
+            self._changed.clear()
+            events, self._events = self._events, []
+            if events:
+                yield events
+            if self._error is not None:
+                self.done = True
+                raise self._error
+            if self._result is not None:
+                self.done = True
+                if self._result.error == "aborted":
+                    raise RequestAborted("the think request was aborted")
+                if self._result.error is not None:
+                    raise RequestFailed(self._result.error)
+                self.result = self._result
+
+    async def final(self) -> ThinkResult:
+        """Wait for the result (progress events are dropped)."""
+        async for _ in self.updates():
+            pass
+        return self.result
+
+
+def _is_progress(event: dict) -> bool:
+    return event.get("event") == "progress"
+
+
+@dataclass
 class StepReport:
     """What one engine step did, for metrics. Built on the engine thread."""
 
@@ -104,6 +177,16 @@ class _Add:
     prompts: list[list[int]]
     params: SamplingParams
     stream: RequestStream
+    arrival: float
+    future: asyncio.Future
+
+
+@dataclass
+class _Think:
+    request_id: str
+    messages: list[dict]
+    options: dict
+    stream: ThinkStream
     arrival: float
     future: asyncio.Future
 
@@ -129,12 +212,28 @@ class _Tracked:
     num_tokens: int = 0
 
 
-Delivery = tuple[RequestStream, "RequestOutput | BaseException"]
+@dataclass
+class _LiveThink:
+    """Engine-thread view of one think run: where its updates go, and when it last reported."""
+
+    run: ThinkRun
+    stream: ThinkStream
+    arrival: float
+    progress_key: tuple | None = None    # (alive, finished) of the last progress event sent
+    progress_at: float = 0.0
+    progress_tokens: int = -1
+
+
+Delivery = tuple["RequestStream | ThinkStream", "RequestOutput | ThinkUpdate | BaseException"]
 Settlement = tuple[asyncio.Future, "BaseException | None"]
 
 
 class AsyncEngine:
-    """Serve an LLMEngine to asyncio code: `stream = await add(...)`, then `stream.updates()`."""
+    """Serve an LLMEngine to asyncio code: `stream = await add(...)`, then `stream.updates()`;
+    `stream = await think(...)` for a think strategy."""
+
+    progress_interval = 0.5     # seconds between progress events of a think run whose branches
+                                # only grow (any change in branches alive or finished is sent at once)
 
     def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None,
                  on_step: Callable[[StepReport], None] | None = None):
@@ -153,6 +252,7 @@ class AsyncEngine:
         self.error: BaseException | None = None
         # engine-thread state
         self._tracked: dict[str, _Tracked] = {}
+        self._runs: dict[str, _LiveThink] = {}  # think runs by request id
         self._num_added = 0                     # prompts the thread has taken (added or refused)
         self._stats = self._snapshot()
 
@@ -215,6 +315,26 @@ class AsyncEngine:
             raise
         return stream
 
+    async def think(self, messages: list[dict], options: dict, request_id: str) -> ThinkStream:
+        """Start a think request: `options` holds "strategy" and its options (see
+        ponder.think.start_think_request). Counts as one request for admission and in flight.
+
+        Raises ValueError (an unknown strategy or option, a bad value, a prompt the engine refuses;
+        nothing runs then), EngineUnavailable or EngineDeadError.
+        """
+        stream = ThinkStream(request_id)
+        with self._lock:
+            self._admit(1)
+            future = self._loop.create_future()
+            self._num_submitted += 1
+            self._commands.put(_Think(request_id, messages, dict(options), stream, time.monotonic(), future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            self.abort([request_id])
+            raise
+        return stream
+
     def abort(self, request_ids: list[str], reason: str = "aborted by the client") -> None:
         """Abort requests (non-blocking); unknown or finished ids are ignored."""
         self._commands.put(_Abort(list(request_ids), reason))
@@ -260,10 +380,12 @@ class AsyncEngine:
             self._die(exc)
 
     def _iterate(self) -> bool:
-        commands = self._take_commands(block=not self.engine.has_unfinished_requests())
+        # a live think run must be advanced even if its engine request is gone (it then ends)
+        idle = not self.engine.has_unfinished_requests() and not self._runs
+        commands = self._take_commands(block=idle)
         if commands and not self._apply(commands):
             return False
-        if self.engine.has_unfinished_requests():
+        if self.engine.has_unfinished_requests() or self._runs:
             self._step()
         return True
 
@@ -283,6 +405,8 @@ class AsyncEngine:
         for cmd in commands:
             if isinstance(cmd, _Add):
                 settlements.append((cmd.future, self._add(cmd)))
+            elif isinstance(cmd, _Think):
+                settlements.append((cmd.future, self._start_think(cmd)))
             elif isinstance(cmd, _Abort):
                 self._abort(cmd.request_ids, RequestAborted(cmd.reason), deliveries)
             else:
@@ -307,7 +431,25 @@ class AsyncEngine:
             self._tracked[rid] = _Tracked(cmd.stream, cmd.arrival)
         return None
 
+    def _start_think(self, cmd: _Think) -> Exception | None:
+        self._num_added += 1
+        try:
+            run = start_think_request(self.engine, cmd.messages, cmd.options, cmd.request_id)
+        except ValueError as e:
+            return e
+        except Exception as e:          # a bug in a strategy: this request fails, the engine goes on
+            logger.exception("think request %s failed to start", cmd.request_id)
+            self.engine.abort_request(cmd.request_id)      # (the run frees its branches itself)
+            return RequestFailed(f"the think request failed to start: {type(e).__name__}: {e}")
+        self._runs[cmd.request_id] = _LiveThink(run, cmd.stream, cmd.arrival)
+        return None
+
     def _abort(self, request_ids: list[str] | None, error: RequestAborted, deliveries: list[Delivery]) -> None:
+        for rid in list(self._runs) if request_ids is None else request_ids:
+            live = self._runs.pop(rid, None)
+            if live is not None:
+                live.run.abort()            # frees every branch now
+                deliveries.append((live.stream, error))
         for rid in list(self._tracked) if request_ids is None else request_ids:
             tracked = self._tracked.pop(rid, None)
             self.engine.abort_request(rid)
@@ -331,12 +473,46 @@ class AsyncEngine:
                 del self._tracked[out.request_id]
                 reason = "error" if out.error else (out.outputs[0].finish_reason or "stop")
                 report.finished.append((reason, now - tracked.arrival))
+        if self._runs:
+            self._advance_runs(deliveries, report)
         self._stats = report.stats = self._snapshot()
         report.num_sampled = report.stats["generation_tokens"] - before["generation_tokens"]
         report.num_tokens = report.num_sampled + report.stats["prompt_tokens"] - before["prompt_tokens"]
         self._send([], deliveries)
         if self._on_step is not None:
             self._on_step(report)
+
+    def _advance_runs(self, deliveries: list[Delivery], report: StepReport) -> None:
+        """Let every think run act on this step's results; send progress, and results of those done."""
+        for rid, live in list(self._runs.items()):
+            done = live.run.advance()     # a failing strategy ends its own run (result.error)
+            now = time.monotonic()
+            events = live.run.drain_events()
+            if not done and not self.engine.scheduler.has_work:
+                # it waits on branches nothing runs: it would never end (a strategy bug)
+                live.run.abort()
+                live.run.result.error = "the think strategy waits on branches the engine is not running"
+                logger.error("think request %s: %s", rid, live.run.result.error)
+                done = True
+            if not done:
+                progress = self._progress(live, now)
+                if progress is not None:
+                    events.append(progress)
+            if done:
+                del self._runs[rid]
+                report.finished.append(("error" if live.run.result.error else "stop", now - live.arrival))
+            if events or done:
+                deliveries.append((live.stream, ThinkUpdate(events, live.run.result if done else None)))
+
+    def _progress(self, live: _LiveThink, now: float) -> dict | None:
+        """A progress snapshot when branches started or finished, else at most every progress_interval."""
+        progress = live.run.progress()
+        key = (progress["branches_alive"], progress["branches_finished"])
+        if key == live.progress_key and (now - live.progress_at < self.progress_interval
+                                         or progress["generated_tokens"] == live.progress_tokens):
+            return None
+        live.progress_key, live.progress_at, live.progress_tokens = key, now, progress["generated_tokens"]
+        return progress
 
     @staticmethod
     def _time_tokens(tracked: _Tracked, out: RequestOutput, now: float, report: StepReport) -> None:
@@ -351,7 +527,7 @@ class AsyncEngine:
 
     def _snapshot(self) -> dict:
         return {**self.engine.stats(), "requests_added": self._num_added,
-                "requests_in_flight": len(self._tracked)}
+                "requests_in_flight": len(self._tracked) + len(self._runs)}
 
     def _send(self, settlements: list[Settlement], deliveries: list[Delivery]) -> None:
         if settlements or deliveries:
@@ -362,9 +538,16 @@ class AsyncEngine:
         with self._lock:
             self.error = exc
             pending = self._take_commands(block=False)
-        settlements = [(cmd.future, error) for cmd in pending if isinstance(cmd, _Add)]
+        settlements = [(cmd.future, error) for cmd in pending if isinstance(cmd, (_Add, _Think))]
         deliveries = [(t.stream, error) for t in self._tracked.values()]
         self._tracked.clear()
+        for live in self._runs.values():
+            deliveries.append((live.stream, error))
+            try:
+                live.run.abort()            # free its branches if the engine still can
+            except Exception:
+                logger.exception("could not free the branches of think request %s", live.run.request_id)
+        self._runs.clear()
         self._send(settlements, deliveries)
 
 

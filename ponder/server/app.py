@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API: FastAPI routes over an AsyncEngine.
 
-POST /v1/completions and /v1/chat/completions (streamed as server-sent events or not),
-GET /v1/models, /health and /metrics. Every error has the OpenAI shape (see errors.py).
+POST /v1/completions and /v1/chat/completions (streamed as server-sent events or not; a chat
+request with a "ponder" object runs a think strategy, see think.py), GET /v1/models, /health and
+/metrics. Every error has the OpenAI shape (see errors.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from ponder.engine.async_engine import (AsyncEngine, EngineDeadError, EngineUnavailable, RequestAborted,
-                                        RequestFailed, RequestStream)
+                                        RequestFailed, RequestStream, ThinkStream)
 from ponder.engine.engine import LLMEngine
 from ponder.model.loader import DEFAULT_MODEL
 from ponder.model.tokenizer import Tokenizer
@@ -32,6 +33,7 @@ from ponder.server.protocol import (MAX_BODY_BYTES, ChatCompletionRequest, Compl
                                     check_model)
 from ponder.server.responses import (ChatRenderer, CompletionRenderer, DeltaTracker, Renderer, TokenTexts,
                                      usage)
+from ponder.server.think import ThinkRenderer, param_of, think_options
 
 
 @dataclass
@@ -133,7 +135,10 @@ async def completions(request: Request) -> Response:
 
 @_v1.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
-    return await _generate(request, await _read_body(request, ChatCompletionRequest), "chatcmpl", ChatRenderer)
+    body = await _read_body(request, ChatCompletionRequest)
+    if body.ponder is not None:
+        return await _think(request, body)
+    return await _generate(request, body, "chatcmpl", ChatRenderer)
 
 
 def _model_card(state: ServerState) -> dict:
@@ -183,6 +188,32 @@ async def _submit(state: ServerState, prompts: list[list[int]], params: Sampling
         raise _api_error(e) from None
     except EngineDeadError as e:
         raise _api_error(e) from None
+
+
+async def _think(request: Request, body: ChatCompletionRequest) -> Response:
+    """A chat request with a "ponder" object: run the think strategy, whole or streamed."""
+    state = _state(request)
+    check_model(body.model, state.model_name)
+    # renders the chat template (a 400 naming "messages" if it cannot) and checks the context
+    [prompt] = await asyncio.to_thread(body.prompt_token_ids, state.tokenizer, state.limits)
+    options = think_options(body, len(prompt), state.limits)
+    messages = [m.template_input() for m in body.messages]
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    try:
+        stream = await state.engine.think(messages, options, request_id)
+    except ValueError as e:            # a bad option value, or a prompt the engine refuses
+        raise invalid(str(e), param_of(str(e), options)) from None
+    except EngineUnavailable as e:
+        state.metrics.rejected("overloaded" if e.retry_after else "unavailable")
+        raise _api_error(e) from None
+    except (EngineDeadError, RequestFailed) as e:
+        raise _api_error(e) from None
+    reply = ThinkGeneration(stream, ThinkRenderer(request_id, state.model_name, state.texts, body.include_usage),
+                            state.engine, options)
+    if body.stream:
+        return StreamingResponse(reply.events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return json_response(await reply.complete(request))
 
 
 def _api_error(exc: Exception) -> APIError:
@@ -254,6 +285,59 @@ class Generation:
         async for outs in self.stream.updates():
             pass
         return outs
+
+    def _abort_unless_done(self) -> None:
+        if not self.stream.done:
+            self.engine.abort(self.stream.request_ids)
+
+
+@dataclass
+class ThinkGeneration:
+    """One think request rendered as OpenAI JSON: whole, or as server-sent events with progress."""
+
+    stream: ThinkStream
+    renderer: ThinkRenderer
+    engine: AsyncEngine
+    options: dict
+
+    def _error(self, exc: Exception) -> APIError:
+        if isinstance(exc, RequestFailed):     # the strategy failed: name the option at fault if it can
+            return invalid(str(exc), param_of(str(exc), self.options))
+        return _api_error(exc)
+
+    async def complete(self, request: Request) -> dict:
+        """The whole response; the run is aborted at once (its branches freed) if the client
+        disconnects first."""
+        final = asyncio.ensure_future(self.stream.final())
+        disconnect = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({final, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnect.cancel()
+            final.cancel()
+            self._abort_unless_done()
+        if not final.done() or final.cancelled():
+            raise APIError(499, "The client disconnected")
+        try:
+            result = final.result()
+        except (RequestFailed, RequestAborted, EngineDeadError) as e:
+            raise self._error(e) from None
+        return self.renderer.response(result)
+
+    async def events(self) -> AsyncIterator[str]:
+        """Server-sent events: the role chunk, progress chunks as the strategy runs, then the
+        answer; the run is aborted if the client goes away."""
+        render = self.renderer
+        try:
+            yield _events(render.opening_chunks())
+            async for events in self.stream.updates():
+                yield _events([render.progress_chunk(e) for e in events])
+            yield _events(render.final_chunks(self.stream.result))
+        except (RequestFailed, RequestAborted, EngineDeadError) as e:
+            yield _events([self._error(e).body()])
+        finally:
+            self._abort_unless_done()
+        yield "data: [DONE]\n\n"
 
     def _abort_unless_done(self) -> None:
         if not self.stream.done:

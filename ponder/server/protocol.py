@@ -182,6 +182,8 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    # ponder's extra: run a think strategy (see ponder/server/think.py)
+    ponder: dict | None = Field(None, description='an object like {"strategy": "self-consistency", "n": 8}')
 
     def prompt_token_ids(self, tokenizer: Tokenizer, limits: EngineLimits) -> list[list[int]]:
         if not self.messages:

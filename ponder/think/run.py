@@ -8,9 +8,11 @@ import time
 
 from ponder.engine.engine import LLMEngine
 from ponder.sampling_params import SamplingParams
+from ponder.think.answers import extract_answer
 from ponder.think.primitives import Gen, ThinkSession
 from ponder.think.result import ThinkResult
 from ponder.think.strategies import STRATEGIES
+from ponder.think.voting import tally, winner
 
 DEFAULT_STRATEGY = "self-consistency"
 SAMPLING_DEFAULTS = {"temperature": 0.8, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "max_tokens": 512,
@@ -30,6 +32,7 @@ class ThinkRun:
         self.result: ThinkResult | None = None
         self._program = _closing(session, program)
         self.started = time.monotonic()
+        self._answers: dict[int, str | None] = {}     # seq_id -> extracted answer of a finished branch
 
     @property
     def done(self) -> bool:
@@ -69,6 +72,29 @@ class ThinkRun:
         """Progress events since the last call (strategy phases, scores), for streaming."""
         events, self.session.events = self.session.events, []
         return events
+
+    def progress(self) -> dict:
+        """A snapshot for streaming, whatever the strategy: branches alive (generating or parked
+        between steps) and finished, tokens generated so far, and the leading answer among the
+        finished branches held now ("best_so_far", with its votes). The prompt's root branch and
+        scorer forks (self-evaluation probes) are not counted."""
+        s = self.session
+        alive, finished = 0, []
+        for seq in s.request.seqs:
+            if seq is s.root or seq.probe_token_ids is not None or seq.probe_logprobs is not None:
+                continue
+            if seq.finish_reason is None:
+                alive += 1
+                continue
+            if seq.seq_id not in self._answers:
+                self._answers[seq.seq_id] = extract_answer(seq.text)
+            finished.append(self._answers[seq.seq_id])
+        votes = tally(finished)
+        best = winner(votes)
+        return {"event": "progress", "branches_alive": alive, "branches_finished": len(finished),
+                "generated_tokens": s.usage()["generated_tokens"], "best_so_far": best,
+                "best_so_far_votes": int(votes[best]) if best is not None else 0,
+                "elapsed_s": round(time.monotonic() - self.started, 3)}
 
 
 def _closing(session: ThinkSession, program: Gen[ThinkResult]) -> Gen[ThinkResult]:
@@ -155,7 +181,9 @@ def think_options_from_body(body: dict) -> tuple[str, dict]:
     for key in ("temperature", "top_p", "top_k", "min_p", "seed"):
         if body.get(key) is not None:
             options.setdefault(key, body[key])
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
     if max_tokens is not None:
         options.setdefault("max_tokens", max_tokens)
     return strategy, options

@@ -1,0 +1,208 @@
+"""The think surface of POST /v1/chat/completions: a `"ponder": {"strategy": ..., ...}` object in the
+body (what the `openai` SDK sends through `extra_body`) runs a native inference-time-compute
+strategy (ponder.think) instead of plain sampling.
+
+This module checks the `ponder` object (every problem is a 400 naming the field, e.g.
+`ponder.n`) and renders the result: a chat.completion whose message is the chosen answer, with the
+candidates, votes and usage under an extra `ponder` field; streamed, one chat.completion.chunk per
+progress event (an empty delta, the event under `ponder`), then the answer as a content delta, a
+finish chunk carrying the whole result under `ponder`, the usage chunk if asked for, and [DONE].
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+from ponder.sampling_params import SamplingParams
+from ponder.server.errors import invalid
+from ponder.server.protocol import ChatCompletionRequest, EngineLimits
+from ponder.server.responses import ChatRenderer
+from ponder.think.result import ThinkResult
+from ponder.think.run import (ALIASES, DEFAULT_STRATEGY, SAMPLING_DEFAULTS, chat_completion_response,
+                              think_options_from_body)
+from ponder.think.scorers import SCORER_NAMES
+from ponder.think.strategies import STRATEGIES
+
+MAX_BRANCHES = 1024            # most branches one option (n, warmup) may ask for
+
+# body fields plain sampling has and a think request cannot honour (n: use ponder.n)
+_PLAIN_ONLY = ("stop", "stop_token_ids", "logit_bias", "presence_penalty", "frequency_penalty",
+               "repetition_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output",
+               "skip_special_tokens", "top_logprobs")
+
+
+# -- checking the ponder object ---------------------------------------------------------------------
+def _count(value, param: str, high: int | None = None):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise invalid(f"'{param}' must be a positive integer, got {value!r}", param)
+    if high is not None and value > high:
+        raise invalid(f"'{param}' must be <= {high}, got {value}", param)
+    return value
+
+
+def _count_or_null(value, param: str):
+    return None if value is None else _count(value, param)
+
+
+def _top_logprobs(value, param: str):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20:
+        raise invalid(f"'{param}' must be an integer in [0, 20], got {value!r}", param)
+    return value
+
+
+def _number(value, param: str):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid(f"'{param}' must be a number, got {value!r}", param)
+    return value
+
+
+def _string(value, param: str):
+    if not isinstance(value, str):
+        raise invalid(f"'{param}' must be a string, got {value!r}", param)
+    return value
+
+
+def _scorer(value, param: str):
+    if value is not None and value not in SCORER_NAMES:
+        raise invalid(f"'{param}' must be one of {', '.join(SCORER_NAMES)} (or null), got {value!r}", param)
+    return value
+
+
+def _reference(value, param: str):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+        raise invalid(f"'{param}' must be the expected answer (a string or a number), got {value!r}", param)
+    return value
+
+
+def _delimiter(value, param: str):
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(d, str) and d for d in items):
+        raise invalid(f"'{param}' must be a non-empty string or a list of them, got {value!r}", param)
+    return tuple(items)
+
+
+_OPTIONS = {        # strategy options settable over HTTP, and their checks
+    "n": lambda v, p: _count(v, p, MAX_BRANCHES), "warmup": lambda v, p: _count(v, p, MAX_BRANCHES),
+    "width": _count, "max_steps": _count, "window": _count, "step_max_tokens": _count_or_null,
+    "top_logprobs": _top_logprobs, "keep_top": _number, "consensus": _number, "vote": _string,
+    "scorer": _scorer, "reference": _reference, "delimiter": _delimiter,
+}
+
+
+def strategy_options(strategy: str) -> list[str]:
+    """The options of a strategy settable over HTTP (its own, then the sampling ones)."""
+    own = [p for p in inspect.signature(STRATEGIES[strategy]).parameters if p != "s" and p in _OPTIONS]
+    return own + list(SAMPLING_DEFAULTS)
+
+
+def think_options(body: ChatCompletionRequest, prompt_len: int, limits: EngineLimits) -> dict:
+    """{"strategy": name, **options} for AsyncEngine.think: the `ponder` object checked, with the
+    body's temperature, top_p, top_k, min_p, seed and max_tokens unless `ponder` sets them.
+    Raises APIError(400) naming the field at fault."""
+    ponder = body.ponder
+    for name in _PLAIN_ONLY:
+        if getattr(body, name) is not None:
+            raise invalid(f"'{name}' is not supported with 'ponder' (a think strategy)", name)
+    if body.n != 1:
+        raise invalid("'n' must be 1 with 'ponder': the strategy's branches are set by 'ponder.n'", "n")
+    if body.logprobs:
+        raise invalid("'logprobs' is not supported with 'ponder' (a think strategy)", "logprobs")
+
+    strategy = ponder.get("strategy", DEFAULT_STRATEGY)
+    if not isinstance(strategy, str):
+        raise invalid(f"'ponder.strategy' must be a string, got {strategy!r}", "ponder.strategy")
+    name = ALIASES.get(strategy, strategy)
+    if name not in STRATEGIES:
+        raise invalid(f"Unknown strategy {strategy!r} in 'ponder.strategy'; choose one of "
+                      f"{', '.join(STRATEGIES)}", "ponder.strategy")
+    valid = strategy_options(name)
+    signature = inspect.signature(STRATEGIES[name]).parameters
+    options = {}
+    for key, value in ponder.items():
+        if key == "strategy":
+            continue
+        param = f"ponder.{key}"
+        if key in SAMPLING_DEFAULTS:
+            options[key] = value               # SamplingParams checks these below
+        elif key in _OPTIONS and key in signature:
+            options[key] = _OPTIONS[key](value, param)
+        elif key in signature:
+            raise invalid(f"'{param}' takes a Python function: it cannot be set over HTTP", param)
+        else:
+            raise invalid(f"Unknown option '{param}' for strategy {name}; valid: {', '.join(valid)}", param)
+
+    if name == "particle-filtering" and options.get("scorer", "self-eval") != "self-eval":
+        raise invalid("particle filtering needs rewards in [0, 1]: of the named scorers only 'self-eval' "
+                      f"gives them, got {options['scorer']!r}", "ponder.scorer")
+    fields = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "min_p", "seed",
+                                            "max_tokens", "max_completion_tokens")}
+    _, merged = think_options_from_body({**fields, "ponder": options})
+    origin = {k: f"ponder.{k}" if k in options else k for k in merged}
+    max_tokens, max_tokens_field = body._max_tokens()
+    if "max_tokens" not in options and max_tokens_field is not None:
+        origin["max_tokens"] = max_tokens_field
+    if isinstance(merged.get("top_k"), int) and not isinstance(merged["top_k"], bool):
+        merged["top_k"] = min(merged["top_k"], limits.vocab_size)
+    sampling = {k: v for k, v in merged.items() if k in SAMPLING_DEFAULTS}
+    try:
+        SamplingParams(**{**SAMPLING_DEFAULTS, **sampling})
+    except (ValueError, TypeError) as e:
+        word = re.match(r"[a-z_]+", str(e))
+        raise invalid(str(e), origin.get(word.group()) if word else "ponder") from None
+
+    if "max_tokens" in merged:
+        body._check_context(prompt_len, merged["max_tokens"], origin["max_tokens"], limits.max_model_len)
+    else:              # the strategy's default, within the context
+        body._check_context(prompt_len, None, None, limits.max_model_len)
+        merged["max_tokens"] = min(SAMPLING_DEFAULTS["max_tokens"], limits.max_model_len - prompt_len)
+    return {"strategy": name, **merged}
+
+
+def param_of(message: str, options: dict) -> str:
+    """The field a strategy's error is about: the first strategy option the message names
+    ("n must be a positive integer" -> "ponder.n"), else "ponder"."""
+    for word in re.findall(r"[a-z_]+", message):
+        if word in options and word in _OPTIONS:
+            return f"ponder.{word}"
+    return "ponder"
+
+
+# -- rendering ------------------------------------------------------------------------------------------
+class ThinkRenderer:
+    """A think result as OpenAI chat JSON: a whole response, or stream chunks."""
+
+    def __init__(self, request_id: str, model: str, texts, include_usage: bool):
+        self.chat = ChatRenderer(request_id, model, texts)
+        self.include_usage = include_usage
+
+    def response(self, result: ThinkResult) -> dict:
+        return chat_completion_response(result, self.chat.model, self.chat.request_id, self.chat.created)
+
+    def opening_chunks(self) -> list[dict]:
+        return self.chat.opening_chunks(1, self.include_usage)
+
+    def progress_chunk(self, event: dict) -> dict:
+        """A progress event: one choice with an empty delta (so clients that read
+        `choices[0].delta.content` see nothing), the event under `ponder`."""
+        chunk = self.chat.chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": None}],
+                                self.include_usage)
+        chunk["ponder"] = event
+        return chunk
+
+    def final_chunks(self, result: ThinkResult) -> list[dict]:
+        """The answer as one content delta, the finish chunk (the whole result under `ponder`, as in
+        the non-streamed response, with "event": "result"), and the usage chunk if asked for."""
+        response = self.response(result)
+        choice = response["choices"][0]
+        chunks = []
+        if choice["message"]["content"]:
+            chunks.append(self.chat.chunk([{"index": 0, "delta": {"content": choice["message"]["content"]},
+                                            "logprobs": None, "finish_reason": None}], self.include_usage))
+        finish = self.chat.chunk([{"index": 0, "delta": {}, "logprobs": None,
+                                   "finish_reason": choice["finish_reason"]}], self.include_usage)
+        finish["ponder"] = {"event": "result", **response["ponder"]}
+        chunks.append(finish)
+        if self.include_usage:
+            chunks.append(self.chat.chunk([], True, response["usage"]))
+        return chunks
