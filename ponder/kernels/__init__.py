@@ -84,3 +84,16 @@ def _build(compiler: str, source: Path, target: Path) -> None:
                        check=True, capture_output=True, text=True)
         subprocess.run([compiler, str(obj), *_LINK_FLAGS, "-o", str(lib)], check=True, capture_output=True, text=True)
         os.replace(lib, target)   # atomic: concurrent builders never see a partial file
+
+
+def bind(library: str, symbol: str, argtypes: list, restype=None):
+    """A typed ctypes function from a kernel library, or None if the library cannot be built."""
+    lib = load(library)
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
+PTR, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float

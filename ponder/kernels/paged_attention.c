@@ -2,7 +2,7 @@
  * the block pool (no gather, no padding to the longest context).
  *
  * Layouts (all float32, row-major, contiguous):
- *   q        [B, H, D]             the step's decode queries
+ *   q        [B, H, D]             the step's decode queries (rows q_stride floats apart)
  *   k_cache  [blocks, BS, KVH, D]  one layer's keys;  v_cache the same for values
  *   tables   [B, max_blocks]       int64 block ids of each sequence's context, in order
  *   ctx_lens [B]                   int64 tokens of context each query attends to
@@ -79,7 +79,7 @@ static inline void attend_one(const float *restrict qb, const float *restrict k_
 }
 
 /* Returns 0, or -1 if the shapes are outside what the kernel supports. */
-int paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+int paged_decode_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
                            const int64_t *tables, int64_t max_blocks, const int64_t *ctx_lens,
                            float *out, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS,
                            float scale) {
@@ -93,7 +93,7 @@ int paged_decode_attention(const float *q, const float *k_cache, const float *v_
         for (int64_t kvh = 0; kvh < KVH; ++kvh) {
             const int64_t n = ctx_lens[b];
             float *scores = (float *)malloc(sizeof(float) * (size_t)(G * n));
-            const float *qb = q + (b * H + kvh * G) * D;   /* G consecutive query heads */
+            const float *qb = q + b * q_stride + kvh * G * D;   /* G consecutive query heads */
             float *ob = out + (b * H + kvh * G) * D;
             const int64_t *table = tables + b * max_blocks;
             if (D == 64)

@@ -56,28 +56,28 @@ class AttentionMetadata:
 
 @cache
 def _native_decode():
-    lib = kernels.load("paged_attention")
-    if lib is None:
-        return None
-    fn = lib.paged_decode_attention
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] \
-        + [ctypes.c_int64] * 5 + [ctypes.c_float]
-    return fn
+    P, I = kernels.PTR, kernels.I64
+    return kernels.bind("paged_attention", "paged_decode_attention",
+                        [P, I, P, P, P, I, P, P, I, I, I, I, I, kernels.F32], ctypes.c_int)
 
 
 def native_decode_available() -> bool:
     return _native_decode() is not None
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor,
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store the step's keys and values [T, KVH, D] in their cache slots."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, KVH, D]; caches: [blocks, block_size, KVH, D]. Returns [T, H, D]."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, meta.slot_mapping, v)
+    """q: [T, H, D] (rows may be strided); caches [blocks, block_size, KVH, D], this step's keys and
+    values already written. Returns [T, H, D]."""
     if meta.decode is not None and meta.decode.all_rows:
-        return decode_attention(q.contiguous(), k_cache, v_cache, meta.decode, scale)
+        return decode_attention(q, k_cache, v_cache, meta.decode, scale)
     if len(meta.groups) == 1 and meta.groups[0].out_index.shape[0] == q.shape[0] == meta.groups[0].query_index.shape[0]:
         return _group_attention(q, k_cache, v_cache, meta.groups[0], scale)   # one group, no reordering
     out = torch.empty_like(q)
@@ -92,12 +92,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      decode: DecodeBatch, scale: float) -> torch.Tensor:
-    """The native kernel over contiguous q [B, H, D]; returns [B, H, D]."""
+    """The native kernel over q [B, H, D] (heads contiguous, rows may be strided); returns [B, H, D]."""
     assert q.dtype == torch.float32 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        q = q.contiguous()
     b, heads, dim = q.shape
-    out = torch.empty_like(q)
+    out = torch.empty(b, heads, dim)
     tables = decode.block_tables
-    status = _native_decode()(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+    status = _native_decode()(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
                               tables.shape[1], decode.context_lens.data_ptr(), out.data_ptr(),
                               b, heads, k_cache.shape[2], dim, k_cache.shape[1], scale)
     if status != 0:

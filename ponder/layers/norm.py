@@ -1,8 +1,9 @@
-"""RMSNorm as in HF Llama: normalise in fp32, then scale."""
+"""RMSNorm as in HF Llama: normalise in fp32, then scale (the fused native op where it applies)."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ponder.layers.fused import add_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -12,4 +13,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return add_rms_norm(x, None, self.weight, self.eps)
+
+    def add_and_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """`residual += delta` in place, then the norm of the sum (one pass instead of two)."""
+        return add_rms_norm(residual, delta, self.weight, self.eps)

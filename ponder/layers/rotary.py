@@ -36,7 +36,7 @@ class RotaryEmbedding:
         self.cos = emb.cos().to(dtype)
         # sin with rotate-half's sign folded in: rotate_half(x) * sin == swap_halves(x) * signed_sin
         self.signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(dtype)
-        self.half = head_dim // 2
+        self.head_dim, self.half = head_dim, head_dim // 2
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)

@@ -2,16 +2,18 @@
 
 Tokens of all sequences in a step come in as one flat batch; attention reads and writes the
 paged KV cache through `AttentionMetadata`. Q/K/V and gate/up projections are fused into one
-matmul each (fewer, larger GEMMs are what a CPU runs fast), stored [in, out].
+matmul each (fewer, larger GEMMs are what a CPU runs fast), stored [in, out]. Between the matmuls,
+the residual add + norm, the rotary embedding + cache write, and SiLU * up are one fused op each
+(`ponder/layers/fused.py`); the residual stream is updated in place, as in vLLM.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ponder.layers.attention import AttentionMetadata, paged_attention
+from ponder.layers.fused import rope_and_cache, silu_and_mul
 from ponder.layers.linear import Linear
 from ponder.layers.norm import RMSNorm
 from ponder.layers.rotary import RotaryEmbedding
@@ -30,16 +32,15 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x, rope: RotaryEmbedding, rope_tables, kv_cache, meta: AttentionMetadata):
+    def forward(self, x, rope: RotaryEmbedding, positions, kv_cache, meta: AttentionMetadata):
         heads, kv_heads = self.num_heads, self.num_kv_heads
-        qkv = self.qkv_proj(x).view(-1, heads + 2 * kv_heads, self.head_dim)
-        v = qkv[:, heads + kv_heads:]
-        if self.q_norm is None:
-            qk = rope.apply(qkv[:, :heads + kv_heads], rope_tables)   # q and k rotated in one pass
-        else:
-            qk = torch.cat((self.q_norm(qkv[:, :heads]), self.k_norm(qkv[:, heads:heads + kv_heads])), dim=1)
-            qk = rope.apply(qk, rope_tables)
-        o = paged_attention(qk[:, :heads], qk[:, heads:], v, kv_cache[0], kv_cache[1], meta, self.scale)
+        qkv = self.qkv_proj(x)
+        if self.q_norm is not None:
+            by_head = qkv.view(-1, heads + 2 * kv_heads, self.head_dim)
+            by_head[:, :heads] = self.q_norm(by_head[:, :heads])
+            by_head[:, heads:heads + kv_heads] = self.k_norm(by_head[:, heads:heads + kv_heads])
+        q = rope_and_cache(qkv, heads, kv_heads, positions, rope, meta.slot_mapping, kv_cache[0], kv_cache[1])
+        o = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
@@ -50,8 +51,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -62,9 +62,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, rope_tables, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope, rope_tables, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, residual, normed, rope, positions, kv_cache, meta):
+        """normed = input_layernorm(residual), computed by the caller (fused with the previous
+        layer's residual add). Adds the attention output to `residual` in place; returns the MLP
+        output, for the caller to add."""
+        attn = self.self_attn(normed, rope, positions, kv_cache, meta)
+        return self.mlp(self.post_attention_layernorm.add_and_norm(residual, attn))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -82,11 +85,15 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [T, hidden] for a flat batch of T tokens."""
-        x = self.embed_tokens(input_ids)
-        rope_tables = self.rope.tables(positions)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, self.rope, rope_tables, kv_cache, meta)
-        return x
+        residual = self.embed_tokens(input_ids)
+        normed = self.layers[0].input_layernorm(residual)
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
+            mlp_out = layer(residual, normed, self.rope, positions, kv_cache, meta)
+            if i + 1 < len(self.layers):
+                normed = self.layers[i + 1].input_layernorm.add_and_norm(residual, mlp_out)
+            else:
+                residual.add_(mlp_out)
+        return residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits only for the rows given (the last token of each sampled sequence)."""

@@ -1,0 +1,70 @@
+/* Fused per-token layer ops for the CPU: what torch runs as 4-8 small ops (each a dispatch and a
+ * pass over memory) done in one pass. At decode batch sizes these ops are all overhead; fusing
+ * them is what keeps the per-step glue small next to the matmuls.
+ *
+ * All tensors are float32 and row-major. Numerics follow HF Llama: RMSNorm normalises then scales
+ * by the weight; RoPE is x * cos + rotate_half(x) * sin without fused multiply-adds.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#pragma GCC optimize("fp-contract=off")
+
+/* residual += delta (if delta is not NULL); out = rms_norm(residual) * weight.  x: [T, N]. */
+void add_rms_norm(float *residual, const float *delta, const float *weight, float *out, int64_t T,
+                  int64_t N, float eps) {
+#pragma omp parallel for if (T > 16)
+    for (int64_t t = 0; t < T; ++t) {
+        float *x = residual + t * N;
+        if (delta) {
+            const float *dx = delta + t * N;
+#pragma omp simd
+            for (int64_t i = 0; i < N; ++i) x[i] += dx[i];
+        }
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < N; ++i) ss += x[i] * x[i];
+        const float r = 1.f / sqrtf(ss / (float)N + eps);
+        float *o = out + t * N;
+#pragma omp simd
+        for (int64_t i = 0; i < N; ++i) o[i] = weight[i] * (x[i] * r);
+    }
+}
+
+/* qkv: [T, (H + 2 KVH) * D] rows of the fused projection. Rotates the H query and KVH key heads in
+ * place with the tables' rows at each token's position (cos and rotate-half-signed sin, [*, D]),
+ * then writes the key and value heads to the cache slot of each token ([slots, KVH * D] caches). */
+void rope_and_cache(float *qkv, const int64_t *positions, const float *cos_table, const float *sin_table,
+                    const int64_t *slots, float *k_cache, float *v_cache, int64_t T, int64_t H, int64_t KVH,
+                    int64_t D) {
+    const int64_t row = (H + 2 * KVH) * D, half = D / 2;
+#pragma omp parallel for if (T > 16)
+    for (int64_t t = 0; t < T; ++t) {
+        float *x = qkv + t * row;
+        const float *c = cos_table + positions[t] * D, *s = sin_table + positions[t] * D;
+        for (int64_t h = 0; h < H + KVH; ++h) {
+            float *v = x + h * D;
+            float rotated[512];
+#pragma omp simd
+            for (int64_t i = 0; i < half; ++i) {
+                rotated[i] = v[i] * c[i] + v[i + half] * s[i];
+                rotated[i + half] = v[i + half] * c[i + half] + v[i] * s[i + half];
+            }
+            memcpy(v, rotated, sizeof(float) * (size_t)D);
+        }
+        memcpy(k_cache + slots[t] * KVH * D, x + H * D, sizeof(float) * (size_t)(KVH * D));
+        memcpy(v_cache + slots[t] * KVH * D, x + (H + KVH) * D, sizeof(float) * (size_t)(KVH * D));
+    }
+}
+
+/* gate_up: [T, 2I] (gate then up); out[t, i] = silu(gate) * up. */
+void silu_and_mul(const float *gate_up, float *out, int64_t T, int64_t I) {
+#pragma omp parallel for if (T * I > 65536)
+    for (int64_t t = 0; t < T; ++t) {
+        const float *g = gate_up + t * 2 * I, *u = g + I;
+        float *o = out + t * I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    }
+}

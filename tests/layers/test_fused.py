@@ -1,0 +1,53 @@
+"""Fused native layer ops against the torch formulas they replace."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ponder.layers import fused
+from ponder.layers.rotary import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(fused._ops() is None, reason="no C compiler for the native kernels")
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_add_rms_norm(tokens):
+    gen = torch.Generator().manual_seed(tokens)
+    residual, delta = torch.randn(2, tokens, 576, generator=gen)
+    weight = torch.rand(576, generator=gen) + 0.5
+    expected_sum = residual + delta
+    expected = F.rms_norm(expected_sum, (576,), weight, 1e-5)
+    out = fused.add_rms_norm(residual, delta, weight, 1e-5)
+    assert torch.equal(residual, expected_sum)                       # updated in place
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fused.add_rms_norm(residual, None, weight, 1e-5), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (14, 2, 64), (4, 4, 128)])
+def test_rope_and_cache(heads, kv_heads, dim):
+    gen = torch.Generator().manual_seed(heads)
+    tokens, slots = 17, 64
+    rope = RotaryEmbedding(dim, 512, 10000.0)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen)
+    positions = torch.randint(0, 512, (tokens,), generator=gen)
+    slot_mapping = torch.randperm(slots, generator=gen)[:tokens]
+    by_head = qkv.view(tokens, -1, dim).clone()
+    expected_qk = rope.apply(by_head[:, :heads + kv_heads], rope.tables(positions))
+    k_cache, v_cache = torch.zeros(2, slots // 16, 16, kv_heads, dim)
+
+    q = fused.rope_and_cache(qkv, heads, kv_heads, positions, rope, slot_mapping, k_cache, v_cache)
+
+    torch.testing.assert_close(q, expected_qk[:, :heads], atol=1e-6, rtol=1e-6)
+    flat_k, flat_v = k_cache.view(slots, kv_heads, dim), v_cache.view(slots, kv_heads, dim)
+    torch.testing.assert_close(flat_k[slot_mapping], expected_qk[:, heads:], atol=1e-6, rtol=1e-6)
+    assert torch.equal(flat_v[slot_mapping], by_head[:, heads + kv_heads:])
+    untouched = torch.ones(slots, dtype=torch.bool)
+    untouched[slot_mapping] = False
+    assert not flat_k[untouched].any() and not flat_v[untouched].any()
+
+
+@pytest.mark.parametrize("tokens", [1, 50])
+def test_silu_and_mul(tokens):
+    gate_up = torch.randn(tokens, 2 * 1536, generator=torch.Generator().manual_seed(tokens)) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(fused.silu_and_mul(gate_up), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
