@@ -31,9 +31,11 @@ def _ops():
 
 
 def _native(*tensors: torch.Tensor):
-    """The native ops if they exist and every tensor is a contiguous float32 CPU tensor."""
+    """The native ops if they exist and every tensor is a contiguous CPU tensor of float32 (data) or
+    int64 (indices)."""
     ops = _ops()
-    if ops is None or any(t.dtype != torch.float32 or not t.is_contiguous() or t.is_cuda for t in tensors):
+    if ops is None or any(t.dtype not in (torch.float32, torch.int64) or not t.is_contiguous() or t.is_cuda
+                          for t in tensors):
         return None
     return ops
 
@@ -41,7 +43,7 @@ def _native(*tensors: torch.Tensor):
 def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`residual += delta` in place (when delta is given), then RMSNorm(residual) * weight."""
     ops = _native(residual, weight, *(() if delta is None else (delta,)))
-    if ops is None:
+    if ops is None or residual.dtype != torch.float32:
         if delta is not None:
             residual.add_(delta)
         return F.rms_norm(residual, (residual.shape[-1],), weight, eps)
@@ -58,7 +60,7 @@ def rope_and_cache(qkv: torch.Tensor, heads: int, kv_heads: int, positions: torc
     slots, and returns the rotated queries [T, H, D] (a view into qkv on the native path)."""
     tokens, dim = qkv.shape[0], rope.head_dim
     ops = _native(qkv, positions, slot_mapping, k_cache, v_cache, rope.cos, rope.signed_sin)
-    if ops is None or positions.dtype != torch.long or dim > 512:
+    if ops is None or qkv.dtype != torch.float32 or positions.dtype != torch.int64 or dim > 512:
         heads_view = qkv.view(tokens, heads + 2 * kv_heads, dim)
         qk = rope.apply(heads_view[:, :heads + kv_heads], rope.tables(positions))
         write_kv(qk[:, heads:], heads_view[:, heads + kv_heads:], k_cache, v_cache, slot_mapping)
@@ -72,7 +74,7 @@ def rope_and_cache(qkv: torch.Tensor, heads: int, kv_heads: int, positions: torc
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: [T, 2I] -> silu(gate) * up, [T, I]."""
     ops = _native(gate_up)
-    if ops is None:
+    if ops is None or gate_up.dtype != torch.float32:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
     tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2

@@ -51,3 +51,17 @@ def test_silu_and_mul(tokens):
     gate_up = torch.randn(tokens, 2 * 1536, generator=torch.Generator().manual_seed(tokens)) * 4
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(fused.silu_and_mul(gate_up), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows,bias", [(1, False), (3, True), (16, False)])
+def test_small_matmul_matches_mkl(rows, bias):
+    from ponder.layers.linear import SMALL_M, Linear
+    assert rows <= SMALL_M
+    gen = torch.Generator().manual_seed(rows)
+    layer = Linear(577, 963, bias=bias)          # odd sizes: remainder rows and columns
+    layer.weight.copy_(torch.randn(577, 963, generator=gen))
+    if bias:
+        layer.bias.copy_(torch.randn(963, generator=gen))
+    x = torch.randn(rows, 577, generator=gen)
+    expected = x @ layer.weight + (layer.bias if bias else 0)
+    torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-5)
