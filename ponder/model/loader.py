@@ -130,14 +130,15 @@ def load_model(model: str | None, cache_dir: str, max_positions: int | None = No
 
 def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
                 dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    with torch.device("meta"):
-        net = LlamaForCausalLM(cfg, max_positions)
+    # Built on the CPU with uninitialised (never touched, so free) parameters that the checkpoint
+    # then replaces. Not under torch.device("meta"): ops there run through torch's Python
+    # reference implementations, whose first use imports torch._dynamo (over a second).
+    net = LlamaForCausalLM(cfg, max_positions)
     weights = {k: v.to(dtype) for k, v in weights.items()}
     missing = set(net.state_dict()) - set(weights)
     if missing:
         raise ValueError(f"checkpoint lacks weights: {sorted(missing)[:5]}")
     net.load_state_dict(weights, strict=False, assign=True)
-    net.rope = type(net.rope)(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
     return net.eval()
 
 

@@ -15,6 +15,15 @@ from ponder.layers.attention import AttentionGroup, AttentionMetadata, DecodeBat
 from ponder.model.llama import LlamaForCausalLM
 
 
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros whose pages the OS maps on first touch (numpy allocates with calloc): a 2 GB KV pool
+    costs nothing at start-up, where torch.zeros writes every byte (1.8 s)."""
+    np_dtype = torch.empty((), dtype=dtype).numpy().dtype if dtype != torch.bfloat16 else None
+    if np_dtype is None:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.from_numpy(np.zeros(shape, dtype=np_dtype))
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
                  dtype: torch.dtype = torch.float32):
@@ -23,8 +32,7 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         # [layers, k/v, blocks, block_size, kv_heads, head_dim]; one tensor so a block copy covers all layers.
-        self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads,
-                                    cfg.head_dim, dtype=dtype)
+        self.kv_cache = _lazy_zeros((cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim), dtype)
         self.kv_caches = [self.kv_cache[i] for i in range(cfg.num_layers)]
         self.native_decode = (dtype == torch.float32 and cfg.head_dim <= 128 and cfg.num_heads // cfg.num_kv_heads <= 64
                               and native_decode_available())
