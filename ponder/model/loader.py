@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
+from ponder.layers.linear import Linear
 from ponder.model.config import ModelConfig
 from ponder.model.llama import LlamaForCausalLM
 from ponder.model.tokenizer import Tokenizer
@@ -139,6 +140,9 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], max_position
     if missing:
         raise ValueError(f"checkpoint lacks weights: {sorted(missing)[:5]}")
     net.load_state_dict(weights, strict=False, assign=True)
+    for module in net.modules():
+        if isinstance(module, Linear):
+            module.pack()
     return net.eval()
 
 

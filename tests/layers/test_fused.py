@@ -53,7 +53,7 @@ def test_silu_and_mul(tokens):
     torch.testing.assert_close(fused.silu_and_mul(gate_up), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows,bias", [(1, False), (3, True), (16, False)])
+@pytest.mark.parametrize("rows,bias", [(1, False), (2, True), (1, True)])
 def test_small_matmul_matches_mkl(rows, bias):
     from ponder.layers.linear import SMALL_M, Linear
     assert rows <= SMALL_M
@@ -65,3 +65,19 @@ def test_small_matmul_matches_mkl(rows, bias):
     x = torch.randn(rows, 577, generator=gen)
     expected = x @ layer.weight + (layer.bias if bias else 0)
     torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [3, 9, 64, 300])
+def test_packed_onednn_linear_matches_mkl(rows):
+    from ponder.layers.linear import SMALL_M, Linear, _onednn_available
+    if not _onednn_available():
+        pytest.skip("torch built without oneDNN")
+    assert rows > SMALL_M
+    gen = torch.Generator().manual_seed(rows)
+    layer = Linear(576, 960, bias=True)
+    layer.weight.copy_(torch.randn(576, 960, generator=gen))
+    layer.bias.copy_(torch.randn(960, generator=gen))
+    layer.pack()
+    assert layer.packed is not None
+    x = torch.randn(rows, 576, generator=gen)
+    torch.testing.assert_close(layer(x), torch.addmm(layer.bias, x, layer.weight), atol=1e-4, rtol=1e-5)
