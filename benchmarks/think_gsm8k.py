@@ -3,7 +3,8 @@ saves against the same samples sent as independent requests.
 
     python benchmarks/think_gsm8k.py --limit 50 --out think_gsm8k.json
     python benchmarks/think_gsm8k.py --limit 2 --max-tokens 64          # smoke test
-    python benchmarks/think_gsm8k.py --limit 20 --base-url http://127.0.0.1:8000/v1   # + cost comparison
+    python benchmarks/think_gsm8k.py --limit 20 --base-url ponder=http://127.0.0.1:8000/v1 \
+        --base-url llama.cpp=http://127.0.0.1:8080/v1                                 # + cost comparison
 
 Every strategy runs all its problems as ONE batch (`LLM.think` on the list), so branches of all
 problems share engine steps. Strategies at budget N (default 8): greedy, self-consistency@N,
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None, llm=None) -> dict:
     parser.add_argument("--strategies", default=None,
                         help="comma-separated subset of: greedy, self-consistency, best-of, beam-search, "
                              "particle-filtering (default: all)")
-    parser.add_argument("--base-url", default=None, help="OpenAI-compatible server for the cost comparison")
+    parser.add_argument("--base-url", action="append", default=[], metavar="[NAME=]URL",
+                        help="OpenAI-compatible server for the cost comparison (repeatable)")
     parser.add_argument("--server-model", default=None, help="model name to send (default: --model)")
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     parser.add_argument("--concurrency", type=int, default=256, help="requests in flight against the server")
@@ -160,17 +162,21 @@ def main(argv: list[str] | None = None, llm=None) -> dict:
     if args.base_url:
         if native is None:
             native = run_strategy(llm, problems, "self-consistency", {"n": args.budget}, sampling)
-        baseline = asyncio.run(independent_requests(args.base_url, args.server_model or args.model, problems,
-                                                    args.budget, sampling, args.concurrency, args.api_key))
-        report["cost_comparison"] = {
-            "strategy": f"self-consistency@{args.budget}",
-            "native": {k: native[k] for k in ("wall_s", "prompt_tokens_computed", "prompt_tokens_cached",
-                                              "generated_tokens", "accuracy")},
-            "independent_requests": baseline,
-            "prompt_tokens_computed_ratio": baseline["prompt_tokens_computed"] / max(1, native["prompt_tokens_computed"]),
-            "wall_time_ratio": baseline["wall_s"] / max(1e-9, native["wall_s"]),
-        }
-        print(json.dumps(report["cost_comparison"], indent=2))
+        comparison = {"strategy": f"self-consistency@{args.budget}",
+                      "native": {k: native[k] for k in ("wall_s", "prompt_tokens_computed", "prompt_tokens_cached",
+                                                        "generated_tokens", "accuracy")},
+                      "independent_requests": {}}
+        for item in args.base_url:
+            name, _, url = item.partition("=") if "=" in item.split("://")[0] else ("", "", item)
+            name = name or url
+            baseline = asyncio.run(independent_requests(url, args.server_model or args.model, problems,
+                                                        args.budget, sampling, args.concurrency, args.api_key))
+            baseline["prompt_tokens_computed_ratio"] = (baseline["prompt_tokens_computed"]
+                                                        / max(1, native["prompt_tokens_computed"]))
+            baseline["wall_time_ratio"] = baseline["wall_s"] / max(1e-9, native["wall_s"])
+            comparison["independent_requests"][name] = baseline
+            print(name, json.dumps(baseline), flush=True)
+        report["cost_comparison"] = comparison
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

@@ -129,7 +129,9 @@ async def _run(target: Target, workload: Workload, concurrency: int, rate: float
     gate = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(workload.prompts), desc=f"{target.name} c={concurrency}", unit="req",
                disable=not progress, leave=False)
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    # A fresh connection per request: llama-server closes idle keep-alive connections, and a request
+    # sent on one it just closed fails with "Server disconnected" (a loopback connect costs ~0.1 ms).
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30), limits=limits,
                                  transport=transport) as client:
         t0 = time.perf_counter()
