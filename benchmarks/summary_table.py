@@ -33,7 +33,8 @@ def table(offline: dict, serve: dict, roof: dict) -> str:
     for result, kind in ((offline, "offline-64"), (serve, "serve")):
         for run in result["runs"]:
             m = run["metrics"]
-            key = (kind, run["concurrency"])
+            # offline: against the first engine (ponder); serve: against the first engine at this concurrency
+            key = kind if kind == "offline-64" else (kind, run["concurrency"])
             base.setdefault(key, m["output_throughput"])
             ratio = m["output_throughput"] / base[key] if base[key] else 0
             lines.append(f"| {kind} | {run['name']} | {run['concurrency']} | {m['total_throughput']:.1f} | "
@@ -41,7 +42,8 @@ def table(offline: dict, serve: dict, roof: dict) -> str:
                          f"{m['ttft_ms']['p99']:.0f} | {m['tpot_ms']['p50']:.1f} | {m['failed']} | "
                          f"{_pct(roof, run['name'], run['mode'], run['concurrency'])} |")
     lines.append("")
-    lines.append("Ratios in parentheses are output tok/s relative to the first engine of the same run and concurrency.")
+    lines.append("Ratios in parentheses: output tok/s relative to ponder (offline: ponder's run; serve: "
+                 "ponder at the same concurrency).")
     return "\n".join(lines)
 
 

@@ -19,8 +19,8 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
-from ponder.engine.async_engine import (AsyncEngine, EngineDeadError, EngineUnavailable, RequestAborted,
-                                        RequestFailed, RequestStream, ThinkStream)
+from ponder.engine.async_engine import (AsyncEngine, EngineDeadError, EngineThread, EngineUnavailable,
+                                        RequestAborted, RequestFailed, RequestStream, ThinkStream)
 from ponder.engine.engine import LLMEngine
 from ponder.model.loader import DEFAULT_MODEL
 from ponder.model.tokenizer import Tokenizer
@@ -60,12 +60,15 @@ class ServerState:
     created: int
 
 
-def build_app(engine: LLMEngine, config: ServerConfig | None = None) -> FastAPI:
-    """A FastAPI app serving `engine`; the engine thread runs while the app's lifespan does."""
+def build_app(engine: LLMEngine, config: ServerConfig | None = None,
+              engine_thread: EngineThread | None = None) -> FastAPI:
+    """A FastAPI app serving `engine`; the engine thread runs while the app's lifespan does (on
+    `engine_thread`, the thread that built the engine, when given)."""
     config = config or ServerConfig()
     model_name = config.served_model_name or engine.config.model or DEFAULT_MODEL
     metrics = ServerMetrics(model_name, lambda: async_engine.stats)
-    async_engine = AsyncEngine(engine, config.max_waiting_requests, on_step=metrics.observe_step)
+    async_engine = AsyncEngine(engine, config.max_waiting_requests, on_step=metrics.observe_step,
+                               engine_thread=engine_thread)
     state = ServerState(config, async_engine, metrics, model_name,
                         EngineLimits(engine.max_model_len, engine.vocab_size, engine.config.max_num_seqs),
                         engine.tokenizer, TokenTexts(engine.tokenizer), int(time.time()))

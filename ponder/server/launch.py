@@ -12,6 +12,7 @@ from types import FrameType
 import uvicorn
 
 from ponder.config import EngineConfig
+from ponder.engine.async_engine import EngineThread
 from ponder.engine.engine import LLMEngine
 from ponder.server.app import ServerConfig, build_app
 
@@ -31,8 +32,9 @@ class _DrainingServer(uvicorn.Server):
 
 def serve(model: str | None, engine_options: dict, config: ServerConfig) -> None:
     """Load the model and serve it until a shutdown signal."""
-    engine = LLMEngine(EngineConfig.from_options(model, **engine_options))
-    app = build_app(engine, config)
+    engine_thread = EngineThread()     # loads the model, then runs the engine loop (see EngineThread)
+    engine = engine_thread.call(lambda: LLMEngine(EngineConfig.from_options(model, **engine_options)))
+    app = build_app(engine, config, engine_thread)
     async_engine = app.state.ponder.engine
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                access_log=config.access_log, lifespan="on",

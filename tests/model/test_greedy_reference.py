@@ -55,3 +55,28 @@ def test_prompts_tokenize_like_transformers(default_llm):
         assert default_llm.tokenizer.encode(text) == hf.encode(text)
         assert default_llm.tokenizer.decode(hf.encode(text)) == text
     assert SETTINGS["smollm2-135m-instruct"][1] == 64
+
+
+def test_pure_pytorch_path_matches_transformers_too():
+    """With the native kernels off (no C compiler, or PONDER_NATIVE_KERNELS=0) every op runs in
+    PyTorch; that path must give the same greedy tokens. A subprocess, since kernels load once."""
+    import os
+    import subprocess
+    import sys
+
+    ref = _reference("smollm2-135m-instruct")
+    script = ("import json, sys\n"
+              "from ponder import LLM, SamplingParams, kernels\n"
+              "from ponder.layers import fused\n"
+              "assert kernels.load('paged_attention') is None and fused._ops() is None\n"
+              "ref = json.load(open(sys.argv[1]))\n"
+              "llm = LLM()\n"
+              "assert not llm.engine.runner.native_decode\n"
+              "outs = llm.generate(ref['prompt_token_ids'][:4], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))\n"
+              "print(json.dumps([o.outputs[0].token_ids for o in outs]))\n")
+    env = {**os.environ, "PONDER_NATIVE_KERNELS": "0"}
+    done = subprocess.run([sys.executable, "-c", script, reference_path("smollm2-135m-instruct")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tokens = json.loads(done.stdout.strip().splitlines()[-1])
+    assert tokens == [t[:32] for t in ref["hf_greedy_token_ids"][:4]]
