@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None, llm=None) -> dict:
             continue
         row = run_strategy(llm, problems, strategy, options, sampling)
         report["strategies"][label] = row
+        _save(report, args.out)          # after every strategy, so a long run leaves partial results
         print(f"{label:28s} accuracy {row['accuracy']:.3f}  generated {row['generated_tokens']:7d}  "
               f"prompt computed {row['prompt_tokens_computed']:7d}  cached {row['prompt_tokens_cached']:8d}  "
               f"{row['wall_s']:8.1f} s", flush=True)
@@ -176,12 +177,18 @@ def main(argv: list[str] | None = None, llm=None) -> dict:
             baseline["wall_time_ratio"] = baseline["wall_s"] / max(1e-9, native["wall_s"])
             comparison["independent_requests"][name] = baseline
             print(name, json.dumps(baseline), flush=True)
-        report["cost_comparison"] = comparison
+            report["cost_comparison"] = comparison
+            _save(report, args.out)
+    _save(report, args.out)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
         print(f"wrote {args.out}")
     return report
+
+
+def _save(report: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
