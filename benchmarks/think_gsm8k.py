@@ -137,11 +137,14 @@ def main(argv: list[str] | None = None, llm=None) -> dict:
     parser.add_argument("--kv-cache-memory-gb", type=float, default=4.0)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--native-from", default=None,
+                        help="a previous report whose self-consistency row is the native side of the cost "
+                             "comparison (instead of running it again); its rows are kept in the output")
     parser.add_argument("--out", default="think_gsm8k.json")
     args = parser.parse_args(argv)
 
     problems = load_problems(args.data, args.limit)
-    if llm is None:
+    if llm is None and not (args.native_from and args.strategies == "none"):
         from ponder import LLM
 
         llm = LLM(args.model, dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
@@ -150,8 +153,11 @@ def main(argv: list[str] | None = None, llm=None) -> dict:
     wanted = [w.strip() for w in args.strategies.split(",")] if args.strategies else None
     report = {"model": args.model, "data": args.data, "problems": len(problems), "budget": args.budget,
               "max_tokens": args.max_tokens, "temperature": args.temperature, "strategies": {}}
+    if args.native_from:
+        with open(args.native_from) as f:
+            report["strategies"].update(json.load(f)["strategies"])
     for label, (strategy, options) in strategy_runs(args.budget).items():
-        if wanted and not any(label.startswith(w) for w in wanted):
+        if (wanted and not any(label.startswith(w) for w in wanted)) or label in report["strategies"]:
             continue
         row = run_strategy(llm, problems, strategy, options, sampling)
         report["strategies"][label] = row
@@ -162,6 +168,8 @@ def main(argv: list[str] | None = None, llm=None) -> dict:
     native = report["strategies"].get(f"self-consistency@{args.budget}")
     if args.base_url:
         if native is None:
+            if llm is None:
+                raise SystemExit("no native self-consistency row to compare against")
             native = run_strategy(llm, problems, "self-consistency", {"n": args.budget}, sampling)
         comparison = {"strategy": f"self-consistency@{args.budget}",
                       "native": {k: native[k] for k in ("wall_s", "prompt_tokens_computed", "prompt_tokens_cached",
