@@ -13,7 +13,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
@@ -245,18 +245,8 @@ class Generation:
 
     async def complete(self, request: Request) -> dict:
         """The whole response; the requests are aborted at once if the client disconnects first."""
-        final = asyncio.ensure_future(self._final_outputs())
-        disconnect = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.wait({final, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            disconnect.cancel()
-            final.cancel()
-            self._abort_unless_done()
-        if not final.done() or final.cancelled():
-            raise APIError(499, "The client disconnected")
-        try:
-            outs = final.result()
+            outs = await _unless_disconnected(self._final_outputs(), request, self._abort_unless_done)
         except (RequestFailed, RequestAborted, EngineDeadError) as e:
             raise _api_error(e) from None
         return self.renderer.response(self.tracker.deltas(outs), usage(outs))
@@ -294,6 +284,22 @@ class Generation:
             self.engine.abort(self.stream.request_ids)
 
 
+async def _unless_disconnected(work, request: Request, abort: Callable[[], None]):
+    """The result of `work`, unless the client disconnects first (then a 499). `abort` runs
+    either way (a no-op once the work is done), so a vanished client's blocks are freed at once."""
+    final = asyncio.ensure_future(work)
+    disconnect = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({final, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect.cancel()
+        final.cancel()
+        abort()
+    if not final.done() or final.cancelled():
+        raise APIError(499, "The client disconnected")
+    return final.result()
+
+
 @dataclass
 class ThinkGeneration:
     """One think request rendered as OpenAI JSON: whole, or as server-sent events with progress."""
@@ -311,18 +317,8 @@ class ThinkGeneration:
     async def complete(self, request: Request) -> dict:
         """The whole response; the run is aborted at once (its branches freed) if the client
         disconnects first."""
-        final = asyncio.ensure_future(self.stream.final())
-        disconnect = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.wait({final, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            disconnect.cancel()
-            final.cancel()
-            self._abort_unless_done()
-        if not final.done() or final.cancelled():
-            raise APIError(499, "The client disconnected")
-        try:
-            result = final.result()
+            result = await _unless_disconnected(self.stream.final(), request, self._abort_unless_done)
         except (RequestFailed, RequestAborted, EngineDeadError) as e:
             raise self._error(e) from None
         return self.renderer.response(result)
