@@ -30,20 +30,23 @@ def _ops():
     }
 
 
-def _native(*tensors: torch.Tensor):
-    """The native ops if they exist and every tensor is a contiguous CPU tensor of float32 (data) or
-    int64 (indices)."""
+def _native(data: tuple[torch.Tensor, ...], indices: tuple[torch.Tensor, ...] = ()):
+    """The native ops if they exist and the tensors are what the C code reads: contiguous CPU
+    float32 data and int64 indices. Otherwise None, and the caller runs its torch path."""
     ops = _ops()
-    if ops is None or any(t.dtype not in (torch.float32, torch.int64) or not t.is_contiguous() or t.is_cuda
-                          for t in tensors):
+    if ops is None:
         return None
+    for tensors, dtype in ((data, torch.float32), (indices, torch.int64)):
+        for t in tensors:
+            if t.dtype != dtype or t.is_cuda or not t.is_contiguous():
+                return None
     return ops
 
 
 def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`residual += delta` in place (when delta is given), then RMSNorm(residual) * weight."""
-    ops = _native(residual, weight, *(() if delta is None else (delta,)))
-    if ops is None or residual.dtype != torch.float32:
+    ops = _native((residual, weight) if delta is None else (residual, weight, delta))
+    if ops is None:
         if delta is not None:
             residual.add_(delta)
         return F.rms_norm(residual, (residual.shape[-1],), weight, eps)
@@ -59,8 +62,8 @@ def rope_and_cache(qkv: torch.Tensor, heads: int, kv_heads: int, positions: torc
     """qkv: [T, (H + 2 KVH) * D]. Rotates queries and keys, stores keys and values in their cache
     slots, and returns the rotated queries [T, H, D] (a view into qkv on the native path)."""
     tokens, dim = qkv.shape[0], rope.head_dim
-    ops = _native(qkv, positions, slot_mapping, k_cache, v_cache, rope.cos, rope.signed_sin)
-    if ops is None or qkv.dtype != torch.float32 or positions.dtype != torch.int64 or dim > 512:
+    ops = _native((qkv, k_cache, v_cache, rope.cos, rope.signed_sin), (positions, slot_mapping))
+    if ops is None or dim > 512:
         heads_view = qkv.view(tokens, heads + 2 * kv_heads, dim)
         qk = rope.apply(heads_view[:, :heads + kv_heads], rope.tables(positions))
         write_kv(qk[:, heads:], heads_view[:, heads + kv_heads:], k_cache, v_cache, slot_mapping)
@@ -73,8 +76,8 @@ def rope_and_cache(qkv: torch.Tensor, heads: int, kv_heads: int, positions: torc
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: [T, 2I] -> silu(gate) * up, [T, I]."""
-    ops = _native(gate_up)
-    if ops is None or gate_up.dtype != torch.float32:
+    ops = _native((gate_up,))
+    if ops is None:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
     tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
