@@ -12,9 +12,11 @@ preemption, and after a fork (children get seeds of their own).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
+from ponder import kernels
 from ponder.outputs import Logprob
 
 _MASK32 = 0xFFFFFFFF
@@ -111,7 +113,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     else:
         greedy_tokens = logits.argmax(dim=-1)
         probs = sampling_probs(logits, batch)
-        drawn = (probs / exponential_noise(batch.seeds, batch.steps, logits.shape[-1])).argmax(dim=-1)
+        drawn = race_argmax(probs, batch.seeds, batch.steps)
         tokens = torch.where(batch.temperature == 0, greedy_tokens, drawn)
     token_list = tokens.tolist()
     return SamplerOutput(token_list, gather_logprobs(raw_logprobs, tokens, batch.logprobs))
@@ -168,6 +170,23 @@ def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         threshold = batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < threshold, 0.0)
     return probs
+
+
+def race_argmax(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """The draw: argmax over tokens of probs / Exp(1) noise, per row [B]. The native kernel
+    (`ponder/kernels/sampling.c`) computes the same tokens without building the [B, V] noise."""
+    native = _native_race()
+    if native is None or probs.dtype != torch.float32 or probs.is_cuda:
+        return (probs / exponential_noise(seeds, steps, probs.shape[-1])).argmax(dim=-1)
+    probs, seeds, steps = probs.contiguous(), seeds.contiguous(), steps.contiguous()
+    tokens = torch.empty(probs.shape[0], dtype=torch.long)
+    native(probs.data_ptr(), seeds.data_ptr(), steps.data_ptr(), tokens.data_ptr(), probs.shape[0], probs.shape[1])
+    return tokens
+
+
+@cache
+def _native_race():
+    return kernels.bind("sampling", "race_argmax", [kernels.PTR] * 4 + [kernels.I64] * 2)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 
 from ponder import SamplingParams
 from ponder.engine.sequence import Request, Sequence
+from ponder.layers import sampler as sampler_module
 from ponder.layers.sampler import SamplingBatch, apply_penalties, sample, sampling_probs
 
 V = 50
@@ -138,3 +139,20 @@ def test_logprobs_with_top_alternatives():
 def test_invalid_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field.split("_")[0]):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.skipif(sampler_module._native_race() is None, reason="no C compiler for the native kernels")
+@pytest.mark.parametrize("vocab,scale,filtered", [(50, 0.5, False), (1000, 3.0, True), (151_936, 10.0, False),
+                                                  (151_936, 1.0, True)])
+def test_native_draw_equals_torch_draw(vocab, scale, filtered):
+    """The native race computes the very tokens of the torch formula (same hash, same rounding),
+    so a seed draws the same text whichever path runs."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(32, vocab, generator=g) * scale
+    if filtered:
+        logits[:, ::3] = float("-inf")
+    probs = logits.softmax(-1)
+    seeds = torch.randint(0, 2**32, (32,), generator=g)
+    steps = torch.randint(0, 10_000, (32,), generator=g)
+    expected = (probs / sampler_module.exponential_noise(seeds, steps, vocab)).argmax(dim=-1)
+    assert sampler_module.race_argmax(probs, seeds, steps).tolist() == expected.tolist()
