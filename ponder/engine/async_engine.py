@@ -32,7 +32,7 @@ from ponder.engine.engine import LLMEngine
 from ponder.outputs import RequestOutput
 from ponder.sampling_params import SamplingParams
 from ponder.think.result import ThinkResult
-from ponder.think.run import ThinkRun, start_think_request
+from ponder.think.run import ThinkPrompt, ThinkRun, start_think_request
 
 logger = logging.getLogger("ponder.engine")
 
@@ -225,7 +225,7 @@ class _Add:
 @dataclass
 class _Think:
     request_id: str
-    messages: list[dict]
+    prompt: ThinkPrompt | list[dict]
     options: dict
     stream: ThinkStream
     arrival: float
@@ -362,9 +362,9 @@ class AsyncEngine:
             raise
         return stream
 
-    async def think(self, messages: list[dict], options: dict, request_id: str) -> ThinkStream:
-        """Start a think request: `options` holds "strategy" and its options (see
-        ponder.think.start_think_request). Counts as one request for admission and in flight.
+    async def think(self, prompt: ThinkPrompt | list[dict], options: dict, request_id: str) -> ThinkStream:
+        """Start a think request on chat messages (or a ThinkPrompt already rendered): `options`
+        holds "strategy" and its options (see ponder.think.start_think_request). Counts as one request for admission and in flight.
 
         Raises ValueError (an unknown strategy or option, a bad value, a prompt the engine refuses;
         nothing runs then), EngineUnavailable or EngineDeadError.
@@ -374,7 +374,7 @@ class AsyncEngine:
             self._admit(1)
             future = self._loop.create_future()
             self._num_submitted += 1
-            self._commands.put(_Think(request_id, messages, dict(options), stream, time.monotonic(), future))
+            self._commands.put(_Think(request_id, prompt, dict(options), stream, time.monotonic(), future))
         try:
             await future
         except asyncio.CancelledError:
@@ -481,7 +481,7 @@ class AsyncEngine:
     def _start_think(self, cmd: _Think) -> Exception | None:
         self._num_added += 1
         try:
-            run = start_think_request(self.engine, cmd.messages, cmd.options, cmd.request_id)
+            run = start_think_request(self.engine, cmd.prompt, cmd.options, cmd.request_id)
         except ValueError as e:
             return e
         except Exception as e:          # a bug in a strategy: this request fails, the engine goes on

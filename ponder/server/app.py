@@ -34,6 +34,7 @@ from ponder.server.protocol import (MAX_BODY_BYTES, ChatCompletionRequest, Compl
 from ponder.server.responses import (ChatRenderer, CompletionRenderer, DeltaTracker, Renderer, TokenTexts,
                                      usage)
 from ponder.server.think import ThinkRenderer, param_of, think_options
+from ponder.think.run import ThinkPrompt
 
 
 @dataclass
@@ -198,12 +199,12 @@ async def _think(request: Request, body: ChatCompletionRequest) -> Response:
     state = _state(request)
     check_model(body.model, state.model_name)
     # renders the chat template (a 400 naming "messages" if it cannot) and checks the context
-    [prompt] = await asyncio.to_thread(body.prompt_token_ids, state.tokenizer, state.limits)
-    options = think_options(body, len(prompt), state.limits)
-    messages = [m.template_input() for m in body.messages]
+    [ids] = await asyncio.to_thread(body.prompt_token_ids, state.tokenizer, state.limits)
+    options = think_options(body, len(ids), state.limits)
+    prompt = ThinkPrompt.from_messages([m.template_input() for m in body.messages], ids)   # rendered once
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     try:
-        stream = await state.engine.think(messages, options, request_id)
+        stream = await state.engine.think(prompt, options, request_id)
     except ValueError as e:            # a bad option value, or a prompt the engine refuses
         raise invalid(str(e), param_of(str(e), options)) from None
     except EngineUnavailable as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from dataclasses import dataclass
 
 from ponder.engine.engine import LLMEngine
 from ponder.sampling_params import SamplingParams
@@ -18,6 +19,23 @@ DEFAULT_STRATEGY = "self-consistency"
 SAMPLING_DEFAULTS = {"temperature": 0.8, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "max_tokens": 512,
                      "seed": None}
 ALIASES = {"sc": "self-consistency", "bon": "best-of-n", "beam": "beam-search", "pf": "particle-filtering"}
+
+
+@dataclass(frozen=True)
+class ThinkPrompt:
+    """A think prompt rendered once: its token ids, the chat messages it came from (None for raw
+    text or ids) and the question that self-evaluation quotes."""
+
+    ids: list[int]
+    messages: list[dict] | None
+    question: str
+
+    @classmethod
+    def from_messages(cls, messages: list[dict], ids: list[int]) -> "ThinkPrompt":
+        """For chat messages already rendered with the template (the server does that to check them)."""
+        messages = [dict(m) for m in messages]
+        users = [m.get("content", "") for m in messages if m.get("role") == "user"]
+        return cls(list(ids), messages, users[-1] if users else str(messages[-1].get("content", "")))
 
 
 class ThinkRun:
@@ -123,8 +141,10 @@ def start_think(engine: LLMEngine, prompt, strategy: str = DEFAULT_STRATEGY, *, 
         raise ValueError(f"unknown option(s) for {name}: {', '.join(unknown)}; valid: "
                          f"{', '.join(accepted + list(SAMPLING_DEFAULTS))}")
     params = SamplingParams(**{**SAMPLING_DEFAULTS, **sampling})
-    ids, messages, question = build_prompt(engine.tokenizer, prompt, chat)
-    session = ThinkSession(engine, ids, params, messages=messages, prompt_text=question, request_id=request_id)
+    if not isinstance(prompt, ThinkPrompt):
+        prompt = build_prompt(engine.tokenizer, prompt, chat)
+    session = ThinkSession(engine, prompt.ids, params, messages=prompt.messages, prompt_text=prompt.question,
+                           request_id=request_id)
     run = ThinkRun(session, fn(session, **options), name, contain_errors=False)
     run.advance()                    # bad option values surface here, before the request is accepted
     run.contain_errors = contain_errors
@@ -149,21 +169,18 @@ def think(engine: LLMEngine, prompts: list, strategy: str = DEFAULT_STRATEGY, **
     return [run.result for run in runs]
 
 
-def build_prompt(tokenizer, prompt, chat: bool | None = None) -> tuple[list[int], list[dict] | None, str]:
-    """(token ids, messages or None, question text). A string becomes a user message when the model
-    has a chat template (unless chat=False); a list of messages always uses the template; a list
-    of token ids is used as is."""
+def build_prompt(tokenizer, prompt, chat: bool | None = None) -> ThinkPrompt:
+    """A string becomes a user message when the model has a chat template (unless chat=False); a
+    list of messages always uses the template; a list of token ids is used as is."""
     if isinstance(prompt, str):
         if not (chat if chat is not None else bool(tokenizer.chat_template)):
-            return tokenizer.encode(prompt), None, prompt
+            return ThinkPrompt(tokenizer.encode(prompt), None, prompt)
         prompt = [{"role": "user", "content": prompt}]
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-        messages = [dict(m) for m in prompt]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        users = [m.get("content", "") for m in messages if m.get("role") == "user"]
-        return tokenizer.encode(text, add_special_tokens=False), messages, users[-1] if users else text
+        text = tokenizer.apply_chat_template([dict(m) for m in prompt], add_generation_prompt=True)
+        return ThinkPrompt.from_messages(prompt, tokenizer.encode(text, add_special_tokens=False))
     if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return list(prompt), None, tokenizer.decode(list(prompt))
+        return ThinkPrompt(list(prompt), None, tokenizer.decode(list(prompt)))
     raise ValueError("a think prompt is a string, a list of chat messages or a list of token ids")
 
 
@@ -189,14 +206,14 @@ def think_options_from_body(body: dict) -> tuple[str, dict]:
     return strategy, options
 
 
-def start_think_request(engine: LLMEngine, messages: list[dict], options: dict,
+def start_think_request(engine: LLMEngine, prompt: ThinkPrompt | list[dict], options: dict,
                         request_id: str | None = None) -> ThinkRun:
     """For the server's engine loop: call on the loop thread, between engine steps; then call
     `run.advance()` after every engine step until it returns True. Errors after the start end
-    only this request (`result.error`)."""
+    only this request (`result.error`). `prompt`: chat messages, or a ThinkPrompt already rendered."""
     options = dict(options)
     strategy = options.pop("strategy", DEFAULT_STRATEGY)
-    return start_think(engine, messages, strategy, request_id=request_id, contain_errors=True, **options)
+    return start_think(engine, prompt, strategy, request_id=request_id, contain_errors=True, **options)
 
 
 def run_think_request(engine: LLMEngine, messages: list[dict], options: dict) -> ThinkResult:

@@ -13,6 +13,7 @@ import pytest
 from ponder import SamplingParams
 from ponder.engine.async_engine import (AsyncEngine, EngineDeadError, EngineUnavailable, RequestAborted,
                                         RequestFailed)
+from ponder.think.run import ThinkPrompt
 from ponder.think.strategies import STRATEGIES
 from tests.server.conftest import make_tiny_engine
 
@@ -49,6 +50,35 @@ def test_async_engine_think_alone_counts_in_flight_and_frees_everything(byte_tok
     assert len(result.candidates) == 3 and result.usage["generated_tokens"] == 18
     assert any(e["event"] == "progress" and e["branches_alive"] == 3 for e in events)
     assert not engine.requests
+    engine.pool.check_empty()
+
+
+def test_async_engine_think_takes_a_prompt_the_server_already_rendered(byte_tokenizer_dir, monkeypatch):
+    """The server renders the chat template once (to answer 400s and check the context); the engine
+    thread must use those ids, not render the messages again."""
+    engine = make_tiny_engine(byte_tokenizer_dir)
+    messages = [{"role": "user", "content": "hi"}]
+    ids = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                                  add_special_tokens=False)
+
+    def render_again(*args, **kwargs):
+        raise AssertionError("the chat template was rendered a second time")
+
+    monkeypatch.setattr(engine.tokenizer, "apply_chat_template", render_again)
+
+    async def main():
+        ae = AsyncEngine(engine)
+        ae.start()
+        stream = await ae.think(ThinkPrompt.from_messages(messages, ids),
+                                {"strategy": "self-consistency", "n": 2, "max_tokens": 4}, "t1")
+        async for _ in stream.updates():
+            pass
+        await ae.shutdown()
+        return stream.result
+
+    result = _run(main())
+    assert result.error is None and result.num_prompt_tokens == len(ids)
+    assert result.usage["generated_tokens"] == 8
     engine.pool.check_empty()
 
 
