@@ -75,13 +75,21 @@ def best_of_n(s: ThinkSession, n: int = 8, scorer="self-eval",
     return ThinkResult("best-of-n", chosen.text, chosen.answer, candidates)
 
 
-def deepconf(s: ThinkSession, n: int = 32, warmup: int = 16, keep_top: float = 0.9, window: int = 2048,
+def deepconf(s: ThinkSession, n: int = 32, warmup: int = 16, keep_top: float = 0.9, window: int | None = None,
              consensus: float = 0.95, top_logprobs: int = 20,
              extract: Extract = extract_answer) -> Gen[ThinkResult]:
     """DeepConf online. Warm-up traces run to the end; the threshold keeps the top `keep_top` of
     their lowest group confidences (0.9: DeepConf-high, 0.1: DeepConf-low). The other traces
     run together and each stops as soon as its latest `window`-token group falls below it; all
-    stop once one answer holds `consensus` of the confidence-weighted vote."""
+    stop once one answer holds `consensus` of the confidence-weighted vote.
+
+    `window` defaults to the paper's 2048 tokens, capped at a quarter of max_tokens: the paper's
+    traces run to tens of thousands of tokens, and a window as long as the trace could never
+    stop one early."""
+    if window is None:
+        limit = s.params.max_tokens
+        window = 2048 if limit is None else max(1, min(2048, limit // 4))
+    _positive(window, "window")
     _positive(warmup, "warmup")
     if n < warmup:
         raise ValueError(f"n ({n}) must be >= warmup ({warmup})")

@@ -200,11 +200,13 @@ def _warmup_threshold(result, warmup, window, keep_top):
     return float(np.percentile([c.score for c in result.candidates[:warmup]], 100 * (1 - keep_top)))
 
 
-def test_deepconf_stops_low_confidence_traces(make_bigram_engine):
+@pytest.mark.parametrize("given_window", [4, None])
+def test_deepconf_stops_low_confidence_traces(make_bigram_engine, given_window):
+    """With no window given it is max_tokens / 4 (here 4): the paper's 2048 would never fill."""
     engine = make_bigram_engine(DEEPCONF_SCRIPT)
     s = _session(engine, max_tokens=16, seed=2)
     window = 4
-    result = s.run(deepconf(s, n=24, warmup=8, keep_top=0.5, window=window, consensus=1.0, top_logprobs=5))
+    result = s.run(deepconf(s, n=24, warmup=8, keep_top=0.5, window=given_window, consensus=1.0, top_logprobs=5))
     threshold = result.metrics["threshold"]
     assert threshold == pytest.approx(_warmup_threshold(result, 8, window, 0.5))
     assert 2.5 < threshold < 8                          # warm-up mixed confident "a" and flat "b" traces
