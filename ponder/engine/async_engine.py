@@ -364,7 +364,8 @@ class AsyncEngine:
 
     async def think(self, prompt: ThinkPrompt | list[dict], options: dict, request_id: str) -> ThinkStream:
         """Start a think request on chat messages (or a ThinkPrompt already rendered): `options`
-        holds "strategy" and its options (see ponder.think.start_think_request). Counts as one request for admission and in flight.
+        holds "strategy" and its options (see ponder.think.start_think_request). Counts as one
+        request for admission and in flight.
 
         Raises ValueError (an unknown strategy or option, a bad value, a prompt the engine refuses;
         nothing runs then), EngineUnavailable or EngineDeadError.

@@ -285,7 +285,8 @@ def test_bad_ponder_options_are_400_naming_the_field(server, client, ponder, ext
 def test_disconnect_mid_stream_aborts_the_run_and_frees_its_blocks(server, client):
     before = server.metrics()
     count = [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}]
-    body = {"model": MODEL, "messages": count, "max_tokens": 1000, "stream": True, "ponder": {"strategy": "self-consistency", "n": 4}}
+    body = {"model": MODEL, "messages": count, "max_tokens": 1000, "stream": True,
+            "ponder": {"strategy": "self-consistency", "n": 4}}
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", server.url + "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
