@@ -124,6 +124,15 @@ class KVCacheManager:
         seq.num_computed_tokens = len(hashes) * bs
         return seq.num_computed_tokens
 
+    def next_block_hash(self, seq) -> int | None:
+        """Hash of the next full block `seq` will compute and register (one `match_prefix` could
+        take), or None if no full block is left to compute or prefix caching is off."""
+        bs = self.block_size
+        i = len(seq.block_hashes)
+        if not self.pool.enable_prefix_caching or (i + 1) * bs > (seq.num_tokens - 1) // bs * bs:
+            return None
+        return block_hash(seq.block_hashes[-1] if seq.block_hashes else None, seq.token_ids[i * bs:(i + 1) * bs])
+
     def allocate_slots(self, seq, num_new_tokens: int) -> bool:
         """Make room for `num_new_tokens` more tokens of `seq`; False (nothing changed) if the pool is short."""
         bs = self.block_size

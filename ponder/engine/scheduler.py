@@ -91,15 +91,24 @@ class Scheduler:
                 out.chunks.append(ScheduledChunk(seq, n))
                 budget -= n
                 i += 1
-        # Admit waiting sequences only if nothing had to be preempted this step.
-        while (self.waiting and budget > 0 and not out.num_preempted
+        # Admit waiting sequences only if nothing had to be preempted this step. One whose next
+        # block another sequence is computing right now waits for it (a step or a few) and then
+        # reuses it, instead of computing the same prompt again (SGLang's in-batch prefix caching):
+        # n requests for one prompt, sent together, compute it once.
+        in_flight = {h for s in self.running if (h := self.kv.next_block_hash(s)) is not None}
+        j = 0
+        while (j < len(self.waiting) and budget > 0 and not out.num_preempted
                and len(self.running) < self.max_num_seqs):
-            seq = self.waiting[0]
+            seq = self.waiting[j]
             hit = self.kv.match_prefix(seq)          # waiting sequences hold no blocks
             if _tokens_wanted(seq) == 0:             # prefill-only and all cached
                 out.prefix_hits.append((seq, hit))
-                self.waiting.popleft()
+                del self.waiting[j]
                 seq.status = SequenceStatus.PARKED
+                continue
+            if self.kv.next_block_hash(seq) in in_flight:
+                self.kv.free(seq)                    # leave its hits cached; look again next step
+                j += 1
                 continue
             n = min(_tokens_wanted(seq), budget)
             if not self.kv.allocate_slots(seq, n):
@@ -107,17 +116,19 @@ class Scheduler:
                 if self.running:
                     break
                 # Alone in the pool it still does not fit: nothing running will free blocks for it.
-                self.waiting.popleft()
+                del self.waiting[j]
                 seq.status = SequenceStatus.FINISHED
                 out.failed.append(seq)
                 continue
             if hit:
                 out.prefix_hits.append((seq, hit))
-            self.waiting.popleft()
+            del self.waiting[j]
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, n))
             budget -= n
+            if (h := self.kv.next_block_hash(seq)) is not None:
+                in_flight.add(h)
         out.block_copies = self.kv.take_copies()
         return out
 

@@ -59,6 +59,24 @@ def test_prefix_cache_reuses_blocks(make_tiny_engine):
     assert first.outputs[0].token_ids == fresh.generate([prefix + [1, 2, 3]], params)[0].outputs[0].token_ids
 
 
+def test_identical_prompts_sent_together_compute_the_prompt_once(make_tiny_engine):
+    """Requests admitted in the same step cannot hit each other's blocks (none is computed yet);
+    the scheduler holds back a request whose next block another is computing, so n copies of a
+    prompt cost one prefill, chunked or not, and generate what they would alone."""
+    prompt = list(range(40, 90))       # 50 tokens: 12 full blocks of 4
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=6, ignore_eos=True) for i in range(6)]
+    for budget in (1024, 16):
+        engine = make_tiny_engine(block_size=4, max_num_batched_tokens=budget)
+        outs = LLM.from_engine(engine).generate([prompt] * 6, params)
+        stats = engine.stats()
+        assert stats["prompt_tokens"] - stats["prompt_tokens_cached"] <= 50 + 6 * 4
+        assert stats["prompt_tokens_cached"] >= 5 * 48
+        fresh = LLM.from_engine(make_tiny_engine(block_size=4, enable_prefix_caching=False))
+        assert [o.outputs[0].token_ids for o in outs] == \
+            [o.outputs[0].token_ids for o in fresh.generate([prompt] * 6, params)]
+        engine.pool.check_empty()
+
+
 def test_fork_shares_prompt_blocks(make_tiny_engine):
     engine = make_tiny_engine(block_size=4, num_kv_blocks=200, enable_prefix_caching=False)
     prompt = list(range(10, 70))          # 60 tokens = 15 blocks
