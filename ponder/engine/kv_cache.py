@@ -127,10 +127,13 @@ class KVCacheManager:
     def next_block_hash(self, seq) -> int | None:
         """Hash of the next full block `seq` will compute and register (one `match_prefix` could
         take), or None if no full block is left to compute or prefix caching is off."""
-        bs = self.block_size
-        i = len(seq.block_hashes)
-        if not self.pool.enable_prefix_caching or (i + 1) * bs > (seq.num_tokens - 1) // bs * bs:
+        if not self.pool.enable_prefix_caching or len(seq.block_hashes) >= (seq.num_tokens - 1) // self.block_size:
             return None
+        return self._hash_after_known(seq)
+
+    def _hash_after_known(self, seq) -> int:
+        """Hash of the block right after the ones `seq.block_hashes` already covers."""
+        bs, i = self.block_size, len(seq.block_hashes)
         return block_hash(seq.block_hashes[-1] if seq.block_hashes else None, seq.token_ids[i * bs:(i + 1) * bs])
 
     def allocate_slots(self, seq, num_new_tokens: int) -> bool:
@@ -153,14 +156,10 @@ class KVCacheManager:
 
     def commit_computed(self, seq) -> None:
         """Register the blocks `seq` has just filled in the prefix index."""
-        bs = self.block_size
-        tokens = seq.token_ids
-        while len(seq.block_hashes) < seq.num_computed_tokens // bs:
-            i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
-            h = block_hash(parent, tokens[i * bs:(i + 1) * bs])
+        while len(seq.block_hashes) < seq.num_computed_tokens // self.block_size:
+            h = self._hash_after_known(seq)
             seq.block_hashes.append(h)
-            self.pool.register(seq.block_table[i], h)
+            self.pool.register(seq.block_table[len(seq.block_hashes) - 1], h)
 
     def fork(self, parent, child) -> None:
         """`child` shares every block of `parent`, the partial last one included."""

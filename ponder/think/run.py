@@ -177,7 +177,7 @@ def build_prompt(tokenizer, prompt, chat: bool | None = None) -> ThinkPrompt:
             return ThinkPrompt(tokenizer.encode(prompt), None, prompt)
         prompt = [{"role": "user", "content": prompt}]
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-        text = tokenizer.apply_chat_template([dict(m) for m in prompt], add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
         return ThinkPrompt.from_messages(prompt, tokenizer.encode(text, add_special_tokens=False))
     if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return ThinkPrompt(list(prompt), None, tokenizer.decode(list(prompt)))
