@@ -7,12 +7,20 @@ import os
 from dataclasses import dataclass, field
 
 
+WEIGHT_FORMATS = ("native", "q8_0", "q4_0", "fp32")
+KV_CACHE_DTYPES = ("fp16", "fp32")
+
+
 @dataclass
 class EngineConfig:
     """How the engine runs a model.
 
     `num_kv_blocks` overrides the pool size computed from `kv_cache_memory_gb`.
     `max_model_len` defaults to the model's context length.
+    `weights`: how linear weights are held — "native" (GGUF tensors in their own block formats,
+    run by the int8 kernels), "q8_0" / "q4_0" (requantized at load), or "fp32" (dequantized, the
+    reference path). None: native for GGUF files, fp32 for Hugging Face folders.
+    `kv_cache_dtype`: "fp16" or "fp32"; None: fp16 on the quantized path, fp32 with fp32 weights.
     """
 
     model: str | None = None
@@ -24,6 +32,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
+    weights: str | None = None
+    kv_cache_dtype: str | None = None
     num_threads: int | None = None
     seed: int = 0
     cache_dir: str = field(default_factory=lambda: os.environ.get(
@@ -39,6 +49,11 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.weights is not None and self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
 
     @classmethod
     def from_options(cls, model: str | None = None, **options) -> "EngineConfig":

@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
 _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11"]
+# Kernels whose results are tested to be exact (bit for bit against a plain-C reference) are built
+# without -ffast-math, which would let the compiler reassociate their sums.
+_EXACT_KERNELS = {"quant_matmul"}
 # Linked without -ffast-math: that would pull in crtfastmath.o, which flushes denormals for the
 # whole process (torch included) when the library loads.
 _LINK_FLAGS = ["-shared", "-fopenmp", "-lm"]
@@ -53,9 +56,15 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def _flags(name: str, extra: tuple[str, ...]) -> list[str]:
+    flags = [f for f in _COMPILE_FLAGS if not (name in _EXACT_KERNELS and f == "-ffast-math")]
+    return flags + list(extra)
+
+
 @cache
-def load(name: str) -> ctypes.CDLL | None:
-    """The compiled kernel library `name` (from `name.c`), or None if it cannot be built."""
+def load(name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The compiled kernel library `name` (from `name.c`), or None if it cannot be built.
+    `extra_flags` build a variant (tests use `-mno-avx512f` to build the AVX2 path)."""
     if not enabled():
         return None
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
@@ -63,12 +72,13 @@ def load(name: str) -> ctypes.CDLL | None:
         logger.warning("no C compiler found; native kernels disabled (slower pure-PyTorch attention)")
         return None
     source = _HERE / f"{name}.c"
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(_COMPILE_FLAGS + _LINK_FLAGS).encode(),
+    flags = _flags(name, extra_flags)
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(flags + _LINK_FLAGS).encode(),
                                      compiler.encode(), _cpu_model().encode()])).hexdigest()[:16]
     target = _cache_dir() / f"{name}-{key}.so"
     if not target.exists():
         try:
-            _build(compiler, source, target)
+            _build(compiler, source, target, flags)
         except (OSError, subprocess.CalledProcessError) as exc:
             detail = getattr(exc, "stderr", "") or exc
             logger.warning("building native kernel %s failed; using pure PyTorch: %s", name, detail)
@@ -76,11 +86,11 @@ def load(name: str) -> ctypes.CDLL | None:
     return ctypes.CDLL(str(target))
 
 
-def _build(compiler: str, source: Path, target: Path) -> None:
+def _build(compiler: str, source: Path, target: Path, flags: list[str]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         obj, lib = Path(tmp) / "kernel.o", Path(tmp) / target.name
-        subprocess.run([compiler, *_COMPILE_FLAGS, "-c", str(source), "-o", str(obj)],
+        subprocess.run([compiler, *flags, "-c", str(source), "-o", str(obj)],
                        check=True, capture_output=True, text=True)
         subprocess.run([compiler, str(obj), *_LINK_FLAGS, "-o", str(lib)], check=True, capture_output=True, text=True)
         os.replace(lib, target)   # atomic: concurrent builders never see a partial file

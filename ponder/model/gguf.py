@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as QT
 
 from ponder.model.config import ModelConfig
 from ponder.model.dequant import dequantize
@@ -103,15 +104,42 @@ def gguf_hf_tensors(reader, cfg: ModelConfig, dtype=torch.float32) -> dict[str, 
         if name is None:
             continue
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        w = dequantize(np.asarray(t.data), t.tensor_type, shape, dtype)
-        if cfg.architecture in ("llama", "mistral"):
-            # llama.cpp stores Q/K rows interleaved for its rotary kernel; undo it for rotate-half.
-            if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
-                w = _unpermute_rope(w, cfg.num_heads)
-            elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
-                w = _unpermute_rope(w, cfg.num_kv_heads)
-        out[name] = w
+        out[name] = _rope_order(dequantize(np.asarray(t.data), t.tensor_type, shape, dtype), name, cfg)
     return out
+
+
+def gguf_sources(reader, cfg: ModelConfig):
+    """The file's matrices as stored (bytes in their block format, F32/F16/BF16 as floats) and
+    its other tensors as float32, under Hugging Face names — for the quantized path."""
+    from ponder.model.quantized import Source
+
+    matrices, others = {}, {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None:
+            continue
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if len(shape) == 1:
+            others[name] = _rope_order(dequantize(np.asarray(t.data), t.tensor_type, shape), name, cfg)
+            continue
+        if t.tensor_type in (QT.F32, QT.F16, QT.BF16):
+            src = Source(*shape, floats=dequantize(np.asarray(t.data), t.tensor_type, shape))
+        else:
+            src = Source(*shape, QT(t.tensor_type), np.asarray(t.data).reshape(shape[0], -1))
+        order = _rope_order(torch.arange(shape[0]), name, cfg)
+        matrices[name] = src.permute_rows(order.numpy()) if not torch.equal(order, torch.arange(shape[0])) else src
+    return matrices, others
+
+
+def _rope_order(w: torch.Tensor, name: str, cfg: ModelConfig) -> torch.Tensor:
+    """llama.cpp stores Q/K rows of llama/mistral interleaved for its rotary kernel; undo it for
+    rotate-half (on a weight, a bias, or a row index)."""
+    if cfg.architecture in ("llama", "mistral"):
+        if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
+            return _unpermute_rope(w, cfg.num_heads)
+        if name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
+            return _unpermute_rope(w, cfg.num_kv_heads)
+    return w
 
 
 def _hf_name(name: str) -> str | None:

@@ -11,17 +11,24 @@ import glob
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ponder.layers import quant_linear
 from ponder.layers.linear import Linear
+from ponder.model import quantized
 from ponder.model.config import ModelConfig
 from ponder.model.llama import LlamaForCausalLM
+from ponder.model.names import linear_sources, other_sources
 from ponder.model.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -111,22 +118,67 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: Tokenizer
     path: str
+    weights: str = "fp32"        # how the linear weights run: native, q8_0, q4_0 or fp32
+
+
+def resolve_weights(weights: str | None, path: str) -> str:
+    """The weights mode a model runs in. Default: a GGUF's own formats, a folder's floats. The
+    quantized modes need the native kernels; without them ponder runs fp32 (and says so once)."""
+    folder = os.path.isdir(path)
+    mode = weights or ("fp32" if folder else "native")
+    if folder and mode == "native":
+        mode = "fp32"     # a Hugging Face folder's native format is its floats
+    if mode != "fp32" and not quant_linear.available():
+        _warn_once("native kernels unavailable (no C compiler, or PONDER_NATIVE_KERNELS=0): "
+                   "weights are dequantized to fp32")
+        mode = "fp32"
+    return mode
+
+
+@cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 def load_model(model: str | None, cache_dir: str, max_positions: int | None = None,
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
+               dtype: torch.dtype = torch.float32, weights: str | None = None) -> LoadedModel:
     path = resolve_model_path(model, cache_dir)
-    if os.path.isdir(path):
-        cfg = ModelConfig.from_hf(json.load(open(os.path.join(path, "config.json"))))
-        weights = fuse_hf_weights(_load_hf_safetensors(path), cfg)
-        tokenizer_dir = path
-    else:
-        cache = _converted_gguf(path, cache_dir)
+    mode = resolve_weights(weights, path)
+    folder = os.path.isdir(path)
+    if mode != "fp32":
+        cache = _cached(path, f"quant-{mode}", cache_dir, lambda out: _write_quantized(path, mode, out))
         cfg = ModelConfig.from_json(open(os.path.join(cache, "config.json")).read())
-        weights = load_file(os.path.join(cache, "model.safetensors"))
-        tokenizer_dir = cache
-    net = build_model(cfg, weights, max_positions or cfg.max_position_embeddings, dtype)
-    return LoadedModel(net, cfg, Tokenizer(tokenizer_dir, cfg.eos_token_ids), path)
+        tensors, layout = quantized.load(os.path.join(cache, "quant.safetensors"))
+        net = quantized.build(cfg, tensors, layout, max_positions or cfg.max_position_embeddings)
+        tokenizer_dir = path if folder else cache
+    else:
+        if folder:
+            cfg = _hf_config(path)
+            weights_fp = fuse_hf_weights(_load_hf_safetensors(path), cfg)
+            tokenizer_dir = path
+        else:
+            cache = _cached(path, "converted", cache_dir, lambda out: _write_converted(path, out))
+            cfg = ModelConfig.from_json(open(os.path.join(cache, "config.json")).read())
+            weights_fp = load_file(os.path.join(cache, "model.safetensors"))
+            tokenizer_dir = cache
+        net = build_model(cfg, weights_fp, max_positions or cfg.max_position_embeddings, dtype)
+    return LoadedModel(net, cfg, Tokenizer(tokenizer_dir, cfg.eos_token_ids), path, mode)
+
+
+def weight_stats(loaded: LoadedModel) -> dict:
+    """What the weights cost and which kernels run them (for stats() and benchmarks)."""
+    if loaded.weights == "fp32":
+        nbytes = quantized.weight_bytes(loaded.model) + sum(
+            m.packed.numel() * m.packed.element_size() for m in loaded.model.modules()
+            if isinstance(m, Linear) and m.packed is not None)
+        kernel = "fp32"
+    else:
+        nbytes, kernel = quantized.weight_bytes(loaded.model), f"int8-{quant_linear.kernel_name()}"
+    return {"weights": loaded.weights, "weight_bytes": nbytes, "kernel": kernel}
+
+
+def _hf_config(folder: str) -> ModelConfig:
+    return ModelConfig.from_hf(json.load(open(os.path.join(folder, "config.json"))))
 
 
 def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
@@ -149,31 +201,12 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], max_position
 def fuse_hf_weights(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """HF parameter names -> ours: Q/K/V and gate/up fused into one matrix each, and every
     linear weight transposed to [in, out] (see layers/linear.py)."""
-    embed = hf["model.embed_tokens.weight"]
-    out = {"embed_tokens.weight": embed, "norm.weight": hf["model.norm.weight"],
-           "lm_head.weight": hf["lm_head.weight"] if "lm_head.weight" in hf and not cfg.tie_word_embeddings else embed}
-    for i in range(cfg.num_layers):
-        src, dst = f"model.layers.{i}.", f"layers.{i}."
-        att = src + "self_attn."
-        out[dst + "self_attn.qkv_proj.weight"] = torch.cat(
-            [hf[att + "q_proj.weight"], hf[att + "k_proj.weight"], hf[att + "v_proj.weight"]])
-        if cfg.qkv_bias:
-            out[dst + "self_attn.qkv_proj.bias"] = torch.cat(
-                [hf[att + "q_proj.bias"], hf[att + "k_proj.bias"], hf[att + "v_proj.bias"]])
-        out[dst + "self_attn.o_proj.weight"] = hf[att + "o_proj.weight"]
-        if cfg.qk_norm:
-            out[dst + "self_attn.q_norm.weight"] = hf[att + "q_norm.weight"]
-            out[dst + "self_attn.k_norm.weight"] = hf[att + "k_norm.weight"]
-        out[dst + "mlp.gate_up_proj.weight"] = torch.cat(
-            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]])
-        out[dst + "mlp.down_proj.weight"] = hf[src + "mlp.down_proj.weight"]
-        out[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"]
-        out[dst + "post_attention_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"]
-    return {name: w.t().contiguous() if _is_linear_weight(name) else w for name, w in out.items()}
-
-
-def _is_linear_weight(name: str) -> bool:
-    return name.endswith("_proj.weight") or name == "lm_head.weight"
+    out = {"embed_tokens.weight": hf["model.embed_tokens.weight"]}
+    for module, names in linear_sources(cfg).items():
+        out[module + ".weight"] = torch.cat([hf[n] for n in names]).t().contiguous()
+    for name, names in other_sources(cfg).items():
+        out[name] = torch.cat([hf[n] for n in names])
+    return out
 
 
 def _load_hf_safetensors(folder: str) -> dict[str, torch.Tensor]:
@@ -186,26 +219,54 @@ def _load_hf_safetensors(folder: str) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _converted_gguf(path: str, cache_dir: str) -> str:
-    """Folder with config.json, model.safetensors (fused fp32) and tokenizer files for a GGUF."""
+def _cached(path: str, kind: str, cache_dir: str, write) -> str:
+    """A cache folder derived from the model at `path` (keyed by its path, size and mtime), made by
+    `write(folder)` once; a `done` file marks it complete."""
     st = os.stat(path)
-    key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:v2".encode()).hexdigest()[:16]
-    folder = os.path.join(cache_root(cache_dir), "converted",
-                          f"{os.path.splitext(os.path.basename(path))[0]}-{key}")
+    key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:{kind}:v3".encode()).hexdigest()[:16]
+    name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+    folder = os.path.join(cache_root(cache_dir), kind, f"{name}-{key}")
     if os.path.exists(os.path.join(folder, "done")):
         return folder
-    from ponder.model.gguf import export_tokenizer, gguf_config, gguf_hf_tensors, read_reader
-
     tmp = folder + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    reader = read_reader(path)
-    cfg = gguf_config(reader)
-    weights = fuse_hf_weights(gguf_hf_tensors(reader, cfg), cfg)
-    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"))
-    open(os.path.join(tmp, "config.json"), "w").write(cfg.to_json())
-    export_tokenizer(path, tmp)
+    write(tmp)
     open(os.path.join(tmp, "done"), "w").write("ok\n")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder
+
+
+def _write_converted(path: str, out: str) -> None:
+    """config.json, model.safetensors (fused fp32) and tokenizer files for a GGUF."""
+    from ponder.model.gguf import export_tokenizer, gguf_config, gguf_hf_tensors, read_reader
+
+    reader = read_reader(path)
+    cfg = gguf_config(reader)
+    weights = fuse_hf_weights(gguf_hf_tensors(reader, cfg), cfg)
+    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(out, "model.safetensors"))
+    open(os.path.join(out, "config.json"), "w").write(cfg.to_json())
+    export_tokenizer(path, out)
+
+
+def _write_quantized(path: str, mode: str, out: str) -> None:
+    """config.json and quant.safetensors (packed matrices; see model/quantized.py), plus the
+    tokenizer files for a GGUF."""
+    if os.path.isdir(path):
+        cfg = _hf_config(path)
+        hf = _load_hf_safetensors(path)
+        names = {n for ns in linear_sources(cfg).values() for n in ns} | {"model.embed_tokens.weight"}
+        matrices = {n: quantized.Source(*hf[n].shape, floats=hf[n]) for n in names}
+        others = {n: hf[n] for ns in other_sources(cfg).values() for n in ns}
+    else:
+        from ponder.model.gguf import export_tokenizer, gguf_config, gguf_sources, read_reader
+
+        reader = read_reader(path)
+        cfg = gguf_config(reader)
+        matrices, others = gguf_sources(reader, cfg)
+        export_tokenizer(path, out)
+    fused_others = {name: torch.cat([others[n] for n in ns]) for name, ns in other_sources(cfg).items()}
+    tensors, layout = quantized.quantize_checkpoint(matrices, fused_others, cfg, mode)
+    quantized.save(os.path.join(out, "quant.safetensors"), tensors, layout)
+    open(os.path.join(out, "config.json"), "w").write(cfg.to_json())
