@@ -3,7 +3,8 @@
 At decode batch sizes a layer's norms, rotary embedding, cache writes and activation are a dozen
 small torch ops whose dispatch costs more than their arithmetic; one native call each keeps the
 step's glue small next to the matmuls. The fallbacks compute the same thing in torch (and are
-what runs without a C compiler or in another dtype).
+what runs without a C compiler or in another dtype). The KV cache the rotary op writes may be
+fp16 or float32; everything else is float32.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _ops():
         return None
     return {
         "add_rms_norm": add_rms_norm,
-        "rope_and_cache": kernels.bind("layer_ops", "rope_and_cache", [P, P, P, P, P, P, P, I, I, I, I]),
+        "rope_and_cache": kernels.bind("layer_ops", "rope_and_cache", [P, P, P, P, P, P, P, I, I, I, I, I]),
         "silu_and_mul": kernels.bind("layer_ops", "silu_and_mul", [P, P, I, I]),
     }
 
@@ -57,20 +58,26 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: tor
     return out
 
 
+def _native_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the native op can write these caches: contiguous CPU fp16 or float32, alike."""
+    return (k_cache.dtype == v_cache.dtype in (torch.float16, torch.float32) and not k_cache.is_cuda
+            and k_cache.is_contiguous() and v_cache.is_contiguous())
+
+
 def rope_and_cache(qkv: torch.Tensor, heads: int, kv_heads: int, positions: torch.Tensor, rope,
                    slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
     """qkv: [T, (H + 2 KVH) * D]. Rotates queries and keys, stores keys and values in their cache
     slots, and returns the rotated queries [T, H, D] (a view into qkv on the native path)."""
     tokens, dim = qkv.shape[0], rope.head_dim
-    ops = _native((qkv, k_cache, v_cache, rope.cos, rope.signed_sin), (positions, slot_mapping))
-    if ops is None or dim > 512:
+    ops = _native((qkv, rope.cos, rope.signed_sin), (positions, slot_mapping))
+    if ops is None or dim > 512 or not _native_cache(k_cache, v_cache):
         heads_view = qkv.view(tokens, heads + 2 * kv_heads, dim)
         qk = rope.apply(heads_view[:, :heads + kv_heads], rope.tables(positions))
         write_kv(qk[:, heads:], heads_view[:, heads + kv_heads:], k_cache, v_cache, slot_mapping)
         return qk[:, :heads]
     ops["rope_and_cache"](qkv.data_ptr(), positions.data_ptr(), rope.cos.data_ptr(), rope.signed_sin.data_ptr(),
                           slot_mapping.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                          tokens, heads, kv_heads, dim)
+                          int(k_cache.dtype == torch.float16), tokens, heads, kv_heads, dim)
     return qkv.view(tokens, heads + 2 * kv_heads, dim)[:, :heads]
 
 

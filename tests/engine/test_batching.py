@@ -32,6 +32,16 @@ def test_batch_invariance_tiny(make_tiny_engine):
     small.pool.check_empty()
 
 
+def test_batch_invariance_with_fp16_kv_cache(make_tiny_engine):
+    """The fp16 cache's one attention kernel (prefill chunks and decodes alike) keeps greedy tokens
+    the same alone, together and chunked."""
+    prompts = _prompts(8, seed=2)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    alone = [_run(make_tiny_engine(max_num_seqs=1, kv_cache_dtype="fp16"), [p], params)[0] for p in prompts]
+    assert _run(make_tiny_engine(kv_cache_dtype="fp16"), prompts, params) == alone
+    assert _run(make_tiny_engine(kv_cache_dtype="fp16", max_num_batched_tokens=7), prompts, params) == alone
+
+
 def test_seeded_sampling_is_batch_invariant(make_tiny_engine):
     prompts = _prompts(12, seed=1)
     params = [SamplingParams(temperature=1.0, top_p=0.9, seed=100 + i, max_tokens=16, ignore_eos=True)

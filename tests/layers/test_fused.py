@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ponder.layers import fused
+from ponder.layers.attention import write_kv
 from ponder.layers.rotary import RotaryEmbedding
 
 pytestmark = pytest.mark.skipif(fused._ops() is None, reason="no C compiler for the native kernels")
@@ -44,6 +45,33 @@ def test_rope_and_cache(heads, kv_heads, dim):
     untouched = torch.ones(slots, dtype=torch.bool)
     untouched[slot_mapping] = False
     assert not flat_k[untouched].any() and not flat_v[untouched].any()
+
+
+@pytest.mark.parametrize("kv_heads,dim", [(3, 64), (2, 128), (1, 20)])
+def test_rope_and_cache_writes_fp16_like_torch(kv_heads, dim):
+    """An fp16 cache holds exactly torch's .half() of the rotated keys and the values, over the
+    whole fp16 range: overflow to inf, subnormals, and round-to-nearest-even ties."""
+    gen = torch.Generator().manual_seed(dim)
+    heads, tokens, slots = 2 * kv_heads, 23, 96
+    rope = RotaryEmbedding(dim, 512, 10000.0)
+    magnitudes = 10.0 ** torch.randint(-9, 6, (tokens, (heads + 2 * kv_heads) * dim), generator=gen)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen) * magnitudes
+    qkv[0, -4:] = torch.tensor([65520.0, 2049.0, 2051.0, 2.0 ** -25])    # inf, and ties to even
+    positions = torch.randint(0, 512, (tokens,), generator=gen)
+    slot_mapping = torch.randperm(slots, generator=gen)[:tokens]
+    values = qkv.view(tokens, -1, dim)[:, heads + kv_heads:].clone()
+    k_cache, v_cache = torch.zeros(2, slots // 16, 16, kv_heads, dim, dtype=torch.float16)
+
+    fused.rope_and_cache(qkv, heads, kv_heads, positions, rope, slot_mapping, k_cache, v_cache)
+
+    rotated_keys = qkv.view(tokens, -1, dim)[:, heads:heads + kv_heads]   # rotated in place
+    flat_k, flat_v = k_cache.view(slots, kv_heads, dim), v_cache.view(slots, kv_heads, dim)
+    assert torch.equal(flat_k[slot_mapping], rotated_keys.half())
+    assert torch.equal(flat_v[slot_mapping], values.half())
+    assert flat_v[slot_mapping[0], -1, -4:].tolist() == [float("inf"), 2048.0, 2052.0, 0.0]
+    torch_k, torch_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)     # the fallback's write
+    write_kv(rotated_keys, values, torch_k, torch_v, slot_mapping)
+    assert torch.equal(torch_k, k_cache) and torch.equal(torch_v, v_cache)
 
 
 @pytest.mark.parametrize("tokens", [1, 50])
