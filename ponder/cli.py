@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 
+from ponder.config import KV_CACHE_DTYPES, WEIGHT_FORMATS
+
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="packaged name, GGUF file or HF folder (default: smollm2-135m-instruct)")
@@ -16,6 +18,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
+                   help="native: GGUF tensors as stored (default for GGUF); q8_0/q4_0: requantize at load; "
+                        "fp32: dequantized reference path (default for HF folders)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
+                   help="default: fp16 on the quantized path, fp32 with fp32 weights")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +39,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def engine_options(args) -> dict:
     return dict(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                enable_prefix_caching=not args.no_prefix_caching)
+                enable_prefix_caching=not args.no_prefix_caching, weights=args.weights,
+                kv_cache_dtype=args.kv_cache_dtype)
 
 
 def sampling_params(args):

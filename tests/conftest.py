@@ -73,6 +73,39 @@ def tiny_model(cfg: ModelConfig, seed: int = 0) -> LlamaForCausalLM:
     return model.eval()
 
 
+def write_hf_folder(model: LlamaForCausalLM, cfg: ModelConfig, folder: str) -> str:
+    """`model` as a Hugging Face folder (config.json, model.safetensors under HF names, the byte
+    tokenizer), so tests load it through the real loader, quantized or not."""
+    from safetensors.torch import save_file
+
+    from ponder.model.names import linear_sources, other_sources
+
+    state = model.state_dict()
+    sizes = {"self_attn.qkv_proj": [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2,
+             "mlp.gate_up_proj": [cfg.intermediate_size] * 2}
+    hf = {"model.embed_tokens.weight": state["embed_tokens.weight"]}
+    for module, names in linear_sources(cfg).items():
+        if module == "lm_head" and cfg.tie_word_embeddings:
+            continue
+        rows = state[module + ".weight"].t()
+        split = sizes.get(module.split(".", 2)[-1], [rows.shape[0]])
+        hf.update(zip(names, rows.split(split)))
+    for name, names in other_sources(cfg).items():
+        split = sizes["self_attn.qkv_proj"] if "qkv_proj" in name else [len(state[name])]
+        hf.update(zip(names, state[name].split(split)))
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in hf.items()}, os.path.join(folder, "model.safetensors"))
+    json.dump({"model_type": cfg.architecture, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+               "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+               "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+               "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_norm_eps,
+               "max_position_embeddings": cfg.max_position_embeddings,
+               "tie_word_embeddings": cfg.tie_word_embeddings, "eos_token_id": cfg.eos_token_ids},
+              open(os.path.join(folder, "config.json"), "w"))
+    write_byte_tokenizer(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def byte_tokenizer_dir(tmp_path_factory) -> str:
     folder = str(tmp_path_factory.mktemp("byte_tokenizer"))
@@ -81,14 +114,17 @@ def byte_tokenizer_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def make_tiny_engine(byte_tokenizer_dir):
+def make_tiny_engine(byte_tokenizer_dir, tmp_path_factory):
     """Factory: a real LLMEngine over a tiny random Llama; engine options as keyword arguments."""
 
     def make(model_overrides: dict | None = None, **options) -> LLMEngine:
         cfg = tiny_config(**(model_overrides or {}))
-        loaded = LoadedModel(tiny_model(cfg), cfg, Tokenizer(byte_tokenizer_dir, cfg.eos_token_ids), "tiny")
         options.setdefault("num_kv_blocks", 256)
         options.setdefault("block_size", 4)
+        if options.get("weights") in ("q8_0", "q4_0"):   # through the loader: an HF folder, requantized
+            folder = write_hf_folder(tiny_model(cfg), cfg, str(tmp_path_factory.mktemp("tiny_hf")))
+            return LLMEngine(EngineConfig(model=folder, cache_dir=str(tmp_path_factory.mktemp("cache")), **options))
+        loaded = LoadedModel(tiny_model(cfg), cfg, Tokenizer(byte_tokenizer_dir, cfg.eos_token_ids), "tiny")
         return LLMEngine(EngineConfig(model="tiny", **options), loaded=loaded)
 
     return make
@@ -96,5 +132,11 @@ def make_tiny_engine(byte_tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def default_llm() -> LLM:
-    """The packaged default model (SmolLM2-135M-Instruct), loaded once."""
+    """The packaged default model (SmolLM2-135M-Instruct) as users get it (quantized), loaded once."""
     return LLM(num_kv_blocks=1024)
+
+
+@pytest.fixture(scope="session")
+def default_llm_fp32() -> LLM:
+    """The default model on the fp32 reference path (dequantized weights, fp32 KV)."""
+    return LLM(num_kv_blocks=1024, weights="fp32")

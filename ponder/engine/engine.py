@@ -15,13 +15,24 @@ from ponder.engine.kv_cache import BlockPool, KVCacheManager
 from ponder.engine.scheduler import Scheduler, SchedulerOutput
 from ponder.engine.sequence import Request, Sequence, SequenceStatus
 from ponder.layers.sampler import SamplingBatch, sample
-from ponder.model.loader import LoadedModel, load_model
+from ponder.model.loader import LoadedModel, load_model, weight_stats
 from ponder.model.runner import ModelRunner
 from ponder.outputs import CompletionOutput, RequestOutput, Usage
 from ponder.runtime import tune_allocator
 from ponder.sampling_params import SamplingParams
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_KV_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str | None, weights: str) -> str:
+    """The KV cache's element type: as configured, else fp32 with fp32 weights (the reference
+    path, whose greedy output matches transformers: asked for, a Hugging Face folder's default, or
+    what runs without native kernels) and fp16 with quantized ones (half the bytes a step reads,
+    twice the blocks for the same memory). `weights`: the mode the model was loaded in."""
+    if kv_cache_dtype is not None:
+        return kv_cache_dtype
+    return "fp32" if weights == "fp32" else "fp16"
 
 
 @dataclass
@@ -41,26 +52,29 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         dtype = _DTYPES[config.dtype]
-        self.loaded = loaded or load_model(config.model, config.cache_dir, dtype=dtype)
+        self.loaded = loaded or load_model(config.model, config.cache_dir, dtype=dtype, weights=config.weights)
         self.model_config = mc = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         if self.loaded.model.rope.cos.shape[0] < self.max_model_len:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's rotary table")
-        num_blocks = config.num_kv_blocks or self._blocks_for_budget(dtype)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.loaded.weights)
+        kv_dtype = _KV_DTYPES[self.kv_cache_dtype]
+        num_blocks = config.num_kv_blocks or self._blocks_for_budget(kv_dtype)
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
-        self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size, dtype)
+        self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size, kv_dtype, dtype)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_token_ids = list(self.tokenizer.eos_token_ids or mc.eos_token_ids)
         self.vocab_size = mc.vocab_size
         self.requests: dict[str, Request] = {}
         self.stats_ = EngineStats()
         self._seed_rng = random.Random(config.seed)
+        self._weight_stats = weight_stats(self.loaded)
         self._ids = itertools.count()
 
-    def _blocks_for_budget(self, dtype) -> int:
-        per_block = ModelRunner.bytes_per_block(self.model_config, self.config.block_size, dtype)
+    def _blocks_for_budget(self, kv_dtype: torch.dtype) -> int:
+        per_block = ModelRunner.bytes_per_block(self.model_config, self.config.block_size, kv_dtype)
         budget = int(self.config.kv_cache_memory_gb * (1 << 30)) // per_block
         useful = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size)
         return max(1, min(budget, useful))
@@ -298,6 +312,8 @@ class LLMEngine:
     def stats(self) -> dict:
         st = self.stats_
         return {
+            **self._weight_stats,
+            "kv_cache_dtype": self.kv_cache_dtype,
             "kv_blocks_total": self.pool.num_blocks,
             "kv_blocks_free": self.pool.num_free,
             "kv_blocks_cached": self.pool.num_cached,

@@ -50,7 +50,13 @@
 
 #define R 8      /* rows per group (lanes of a 256-bit float vector) */
 #define QK 32    /* elements per block */
-#define MT 4     /* activation rows per tile */
+/* Activation rows per tile: a decode batch of up to MT rows reads each weight block once. AVX-512
+ * has 32 vector registers (8 accumulators + 8 weight registers fit); AVX2 has 16. */
+#if defined(__AVX512VL__)
+#define MT 8
+#else
+#define MT 4
+#endif
 
 enum { Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, NUM_FORMATS };
 

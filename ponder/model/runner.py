@@ -1,9 +1,10 @@
 """ModelRunner: owns the KV cache tensors; turns scheduled chunks into one flat batch and runs it.
 
-Per step it builds token ids, positions, the slot each token writes, the block tables and context
-lengths of the decodes (for the native kernel), and for the padded attention group(s) the query
-rows, the context slots and the causal mask — with numpy/torch ops over the batch, not Python loops
-over tokens.
+Per step it builds token ids, positions, the slot each token writes, and for attention either or
+both of: per query token of the native kernel its sequence and context length (every token with
+an fp16 cache, the decodes with an fp32 one), and for the padded SDPA group(s) the query rows, the
+context slots and the causal mask — with numpy/torch ops over the batch, not Python loops over
+tokens.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ponder.layers.attention import AttentionGroup, AttentionMetadata, DecodeBatch, native_decode_available
+from ponder.layers.attention import AttentionGroup, AttentionMetadata, PagedQueries, native_attention_supports
 from ponder.model.llama import LlamaForCausalLM
+from ponder.model.native_stack import NativeStack
 
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -26,20 +28,29 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
-                 dtype: torch.dtype = torch.float32):
+                 kv_dtype: torch.dtype = torch.float32, dtype: torch.dtype = torch.float32):
+        """kv_dtype: the KV cache's element type (fp16 or float32); dtype: the model's compute dtype."""
         cfg = model.config
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
         # [layers, k/v, blocks, block_size, kv_heads, head_dim]; one tensor so a block copy covers all layers.
-        self.kv_cache = _lazy_zeros((cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim), dtype)
+        self.kv_cache = _lazy_zeros((cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim),
+                                    kv_dtype)
         self.kv_caches = [self.kv_cache[i] for i in range(cfg.num_layers)]
-        self.native_decode = (dtype == torch.float32 and cfg.head_dim <= 128 and cfg.num_heads // cfg.num_kv_heads <= 64
-                              and native_decode_available())
+        self.native_attention = dtype == torch.float32 and native_attention_supports(cfg.num_heads, cfg.num_kv_heads,
+                                                                                       cfg.head_dim)
+        # An fp16 cache sends every query through the native kernel; an fp32 one only the decodes
+        # (prefill stays on SDPA, the path checked token for token against transformers).
+        self.native_prefill = self.native_attention and kv_dtype == torch.float16
+        # A quantized model runs its decoder stack as one native call whenever the step's attention
+        # is all native (bit-identical to the op-by-op path, minus the per-layer dispatch).
+        self.native_stack = (NativeStack(model, self.kv_caches, block_size)
+                             if self.native_attention and NativeStack.applies(model, self.kv_caches) else None)
 
     @staticmethod
-    def bytes_per_block(model_config, block_size: int, dtype: torch.dtype = torch.float32) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
+    def bytes_per_block(model_config, block_size: int, kv_dtype: torch.dtype = torch.float32) -> int:
+        elem = torch.empty((), dtype=kv_dtype).element_size()
         return model_config.num_layers * 2 * block_size * model_config.num_kv_heads * model_config.head_dim * elem
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -58,7 +69,10 @@ class ModelRunner:
         Returns logits [len(sample_rows), vocab].
         """
         input_ids, positions, meta, last_rows = self.prepare(chunks)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.native_stack is not None and meta.native is not None and meta.native.all_rows:
+            hidden = self.native_stack.forward(self.model.embed_tokens(input_ids), positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
         return self.model.compute_logits(hidden[last_rows[sample_rows]])
 
     def prepare(self, chunks):
@@ -76,17 +90,27 @@ class ModelRunner:
         slot_mapping = tables[seq_of_token, pos // bs] * bs + pos % bs
         decode = np.flatnonzero(lengths == 1)
         prefill = np.flatnonzero(lengths > 1)
-        padded = (decode, prefill) if not self.native_decode else (prefill,)
+        if self.native_prefill:
+            native_seqs, padded = np.arange(len(chunks)), ()
+        elif self.native_attention:
+            native_seqs, padded = decode, (prefill,)
+        else:
+            native_seqs, padded = decode[:0], (decode, prefill)
         groups = [self._group(members, lengths, starts, offsets, tables) for members in padded if len(members)]
-        native = None
-        if self.native_decode and len(decode):
-            native = DecodeBatch(rows=torch.from_numpy(offsets[decode]),
-                                 block_tables=torch.from_numpy(np.ascontiguousarray(tables[decode])),
-                                 context_lens=torch.from_numpy(starts[decode] + 1),
-                                 all_rows=len(decode) == len(chunks))
+        native = self._queries(native_seqs, seq_of_token, pos, tables) if len(native_seqs) else None
         meta = AttentionMetadata(torch.from_numpy(slot_mapping), groups, native)
         last_rows = torch.from_numpy(offsets[1:] - 1)
         return input_ids, torch.from_numpy(pos), meta, last_rows
+
+    @staticmethod
+    def _queries(seqs, seq_of_token, pos, tables) -> PagedQueries:
+        """Every token of the sequences `seqs`, each attending causally to its position + 1 keys."""
+        chosen = np.zeros(len(tables), dtype=bool)
+        chosen[seqs] = True
+        rows = np.flatnonzero(chosen[seq_of_token])
+        return PagedQueries(rows=torch.from_numpy(rows), seq_index=torch.from_numpy(seq_of_token[rows]),
+                            block_tables=torch.from_numpy(tables), context_lens=torch.from_numpy(pos[rows] + 1),
+                            all_rows=len(rows) == len(pos))
 
     def _group(self, members, lengths, starts, offsets, tables) -> AttentionGroup:
         bs = self.block_size
