@@ -38,7 +38,8 @@ test: models
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow"
 
-# llama.cpp's llama-server as a CPU-only benchmark peer, built from the llama-cpp-python sdist into .peers/bin/.
+# llama.cpp's llama-server and llama-bench as CPU-only benchmark peers, built from the llama-cpp-python sdist
+# into .peers/bin/ (skipped when both are there).
 peers:
 	bash scripts/build_llama_server.sh
 

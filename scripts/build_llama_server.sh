@@ -1,18 +1,46 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-server (and llama-batched-bench) as a CPU-only benchmark peer.
+# Build llama.cpp's llama-server and llama-bench (and llama-batched-bench) as CPU-only benchmark peers.
 # Source: the llama-cpp-python sdist on PyPI, which vendors llama.cpp under vendor/llama.cpp.
-# Output: .peers/bin/ under the repo root. Idempotent: exits at once if the binary already works.
+# Output: .peers/bin/ under the repo root. Idempotent: exits at once if every required binary runs and was
+# built by this script's current recipe (version + flags, stamped in .peers/bin/.build-id); else rebuilds.
+# `--build-id` prints that stamp and exits.
 set -euo pipefail
 
 LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 JOBS="${JOBS:-2}"
 PYTHON="${PYTHON:-python3}"
+# ggml's AMX kernels segfault in ggml_backend_amx_mul_mat on Sapphire Rapids hosts (llama.cpp issue
+# #20824, unfixed), taking llama-server and llama-bench down at the first matmul. -march=native would
+# turn them on wherever the CPU has AMX, so they are compiled out (explicit -mno-* wins over -march);
+# LLAMA_AMX=1 keeps them.
+if [[ "${LLAMA_AMX:-0}" == 1 ]]; then
+    ARCH_FLAGS=""
+else
+    ARCH_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN_DIR="$ROOT/.peers/bin"
 
-if [[ -x "$BIN_DIR/llama-server" ]] && "$BIN_DIR/llama-server" --version >/dev/null 2>&1; then
-    echo "llama-server already built: $BIN_DIR/llama-server"
+# Required binaries: all of them must exist and run, else everything is (re)built.
+REQUIRED=(llama-server llama-bench)
+BUILD_ID="llama-cpp-python $LLAMA_CPP_PYTHON_VERSION; flags: ${ARCH_FLAGS:-none}; targets: ${REQUIRED[*]}"
+
+if [[ "${1:-}" == --build-id ]]; then
+    echo "$BUILD_ID"
+    exit 0
+fi
+
+all_built() {
+    local t
+    [[ -f "$BIN_DIR/.build-id" && "$(cat "$BIN_DIR/.build-id")" == "$BUILD_ID" ]] || return 1
+    for t in "${REQUIRED[@]}"; do
+        [[ -x "$BIN_DIR/$t" ]] && "$BIN_DIR/$t" --help >/dev/null 2>&1 || return 1
+    done
+}
+
+if all_built; then
+    echo "already built: ${REQUIRED[*]/#/$BIN_DIR/}"
     exit 0
 fi
 
@@ -45,6 +73,8 @@ echo ">> configuring (CPU-only, Release, static)"
 # at build time (the server is then built without an embedded web UI, which a benchmark does not need).
 cmake -S "$LLAMA_SRC" -B "$WORK/build" \
     -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_C_FLAGS="$ARCH_FLAGS" \
+    -DCMAKE_CXX_FLAGS="$ARCH_FLAGS" \
     -DBUILD_SHARED_LIBS=OFF \
     -DGGML_NATIVE=ON \
     -DGGML_CUDA=OFF \
@@ -60,7 +90,7 @@ cmake -S "$LLAMA_SRC" -B "$WORK/build" \
     -DLLAMA_BUILD_TOOLS=ON \
     -DLLAMA_BUILD_SERVER=ON
 
-TARGETS=(llama-server)
+TARGETS=("${REQUIRED[@]}")
 # llama-batched-bench is cheap (one small source file on top of the same libraries).
 # (Capture first: `cmake ... | grep -q` would trip pipefail via SIGPIPE.)
 TARGET_HELP="$(cmake --build "$WORK/build" --target help 2>/dev/null || true)"
@@ -72,6 +102,7 @@ echo ">> building ${TARGETS[*]} with -j$JOBS"
 nice -n 10 cmake --build "$WORK/build" --config Release -j"$JOBS" --target "${TARGETS[@]}"
 
 mkdir -p "$BIN_DIR"
+rm -f "$BIN_DIR/.build-id"
 for t in "${TARGETS[@]}"; do
     install -m 0755 "$WORK/build/bin/$t" "$BIN_DIR/$t"
 done
@@ -83,4 +114,9 @@ done
 shopt -u nullglob
 
 "$BIN_DIR/llama-server" --version
-echo "installed: $BIN_DIR/llama-server"
+echo "$BUILD_ID" >"$BIN_DIR/.build-id"
+if ! all_built; then
+    echo "error: a required binary does not run: ${REQUIRED[*]}" >&2
+    exit 1
+fi
+echo "installed: ${TARGETS[*]/#/$BIN_DIR/}"

@@ -1,4 +1,4 @@
-"""`ponder bench ...`: throughput (offline), serve (online), roofline, tune, costmodel.
+"""`ponder bench ...`: throughput (offline), serve (online), single-stream, roofline, tune, costmodel.
 
 Each command builds a workload, runs ponder and the asked-for peers one after another (never two at
 once: they would share the CPU), prints side-by-side tables and writes JSON (+ PNG plots) if asked.
@@ -16,6 +16,7 @@ from ponder.bench.workloads import DEFAULT_GSM8K_PATH, WORKLOAD_KINDS, WorkloadS
 
 OFFLINE_PEERS = ("hf", "llama.cpp")
 SERVE_PEERS = ("ponder", "llama.cpp")
+SINGLE_STREAM_PEERS = ("llama.cpp",)
 
 
 def _int_list(text: str) -> list[int]:
@@ -59,7 +60,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Add `bench` and its commands to the `ponder` command's subparsers."""
     from ponder.cli import _engine_args
 
-    bench = sub.add_parser("bench", help="benchmarks: offline, online, roofline, tuning, cost model")
+    bench = sub.add_parser("bench", help="benchmarks: offline, online, single stream, roofline, tuning, cost model")
     cmds = bench.add_subparsers(dest="bench_command", required=True)
 
     tp = cmds.add_parser("throughput", help="offline throughput, in-process, with peers side by side")
@@ -84,6 +85,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
     _workload_args(sv, "random", None, "128", 128)
     _output_args(sv)
     sv.set_defaults(bench_func=cmd_serve)
+
+    ss = cmds.add_parser("single-stream", help="llama-bench-like pp/tg tok/s at batch 1, greedy, "
+                                               "prefix cache off; --peer llama.cpp runs llama-bench")
+    _engine_args(ss)
+    ss.set_defaults(max_num_seqs=1)
+    ss.add_argument("--pp", type=int, default=512, help="prompt tokens of the pp test (0: skip it)")
+    ss.add_argument("--tg", type=int, default=128, help="generated tokens of the tg test (0: skip it)")
+    ss.add_argument("-r", "--repetitions", type=int, default=3, help="runs of each test (distinct prompts)")
+    ss.add_argument("--seed", type=int, default=0)
+    ss.add_argument("--peer", action="append", default=[], choices=SINGLE_STREAM_PEERS,
+                    help="also run llama.cpp's llama-bench on the same GGUF")
+    ss.add_argument("--output", default=None, help="results JSON path")
+    ss.set_defaults(bench_func=cmd_single_stream)
 
     rf = cmds.add_parser("roofline", help="memory bandwidth, matmul FLOP/s and the model's bounds")
     rf.add_argument("--model", default=None)
@@ -161,15 +175,6 @@ def _finish(args, command: str, runs, show_tables: bool = True, **extra) -> None
         print(f"no plots ({e.name} is not installed: pip install 'ponder[bench]')", file=sys.stderr)
 
 
-def load_tokenizer(model: str | None, cache_dir: str):
-    """The model's tokenizer without loading its weights (GGUFs: the converted cache's tokenizer files)."""
-    from ponder.model.loader import _converted_gguf, resolve_model_path
-    from ponder.model.tokenizer import Tokenizer
-
-    path = resolve_model_path(model, cache_dir)
-    return Tokenizer(path if os.path.isdir(path) else _converted_gguf(path, cache_dir))
-
-
 # -- commands ---------------------------------------------------------------------------------------
 
 def cmd_throughput(args) -> int:
@@ -222,6 +227,7 @@ def cmd_serve(args) -> int:
     from ponder.bench.metrics import RunResult, compute_metrics
     from ponder.bench.prometheus import engine_counters
     from ponder.bench.workloads import warmup
+    from ponder.model.loader import load_tokenizer
 
     if not args.peer and not args.base_url:
         args.peer = ["ponder"]
@@ -251,18 +257,61 @@ def cmd_serve(args) -> int:
     return 0 if all(r.metrics.failed == 0 for r in runs) else 1
 
 
+def cmd_single_stream(args) -> int:
+    from ponder.bench import peers, report, single_stream
+    from ponder.cli import engine_options
+    from ponder.config import EngineConfig
+    from ponder.engine.engine import LLMEngine
+    from ponder.model.loader import resolve_model_path
+
+    if args.pp < 0 or args.tg < 0 or not (args.pp or args.tg) or args.repetitions < 1:
+        raise SystemExit("single-stream: --pp and --tg must be >= 0 (not both 0), --repetitions >= 1")
+    model_path = resolve_model_path(args.model, _cache_dir())
+    # Built first so a missing llama-bench or a non-GGUF model fails before the long part.
+    llama_argv = (peers.llama_bench_argv(model_path, args.pp, args.tg, args.repetitions)
+                  if "llama.cpp" in args.peer else None)
+    machine = report.machine_info()
+    print(f"cpu: {machine['cpu_model']} (avx512_vnni: {'yes' if machine['avx512_vnni'] else 'no'}), "
+          f"{machine['torch_threads']} torch threads", file=sys.stderr)
+    options = {**engine_options(args), "enable_prefix_caching": False}
+    engine = LLMEngine(EngineConfig.from_options(args.model, **options))
+    results = single_stream.measure_ponder(engine, args.pp, args.tg, args.repetitions, args.seed)
+    info = single_stream.engine_info(engine.stats())
+    del engine                          # its memory back before llama.cpp runs
+    llama = None
+    if llama_argv:
+        print("llama.cpp: " + " ".join(llama_argv), file=sys.stderr)
+        rows = peers.run_llama_bench(llama_argv)
+        results += single_stream.parse_llama_bench(rows)
+        llama = {"argv": llama_argv, **single_stream.llama_bench_info(rows), "rows": rows}
+    title = f"single stream · {os.path.basename(model_path)} · ponder: {single_stream.describe(info)}"
+    if llama:
+        title += (f" · llama.cpp: {llama.get('model_type', '?')}, build {llama.get('build_commit', '?')}, "
+                  f"{llama.get('n_threads', '?')} threads")
+    print(f"{title}\n{single_stream.table(results)}")
+    if args.output:
+        document = {"command": "single-stream", "machine": machine, "model": model_path,
+                    "pp": args.pp, "tg": args.tg, "repetitions": args.repetitions, "seed": args.seed,
+                    "config": options, "engine": info, "llama.cpp": llama,
+                    "comparison": single_stream.comparison(results), "runs": [r.to_dict() for r in results]}
+        report.write_json(args.output, document)
+        print(f"\nresults: {args.output}")
+    return 0
+
+
 def cmd_roofline(args) -> int:
     import json
 
     from ponder.bench import report, roofline
     from ponder.model.config import ModelConfig
-    from ponder.model.loader import _converted_gguf, resolve_model_path
+    from ponder.model.gguf import gguf_config, read_reader
+    from ponder.model.loader import resolve_model_path
 
     path = resolve_model_path(args.model, _cache_dir())
     if os.path.isdir(path):
         cfg = ModelConfig.from_hf(json.load(open(os.path.join(path, "config.json"))))
     else:
-        cfg = ModelConfig.from_json(open(os.path.join(_converted_gguf(path, _cache_dir()), "config.json")).read())
+        cfg = gguf_config(read_reader(path))
     cost = roofline.model_cost(cfg)
     peaks = roofline.measure_peaks(args.bandwidth_mb, args.matmul_size)
     roof = roofline.roofline(cost, peaks)

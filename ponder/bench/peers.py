@@ -2,6 +2,7 @@
 
 - `llama_server(...)`: llama.cpp's llama-server on a loopback port with the same GGUF (2 threads, one
   slot per concurrent request, its RAM prompt cache off), stopped when the `with` block ends.
+- `run_llama_bench(llama_bench_argv(...))`: llama.cpp's llama-bench (pp and tg at batch 1), its JSON rows.
 - `ponder_server(...)`: `ponder serve` in a subprocess on a loopback port.
 - `run_hf_offline(...)`: transformers' static-batch `generate` (fp32, left padding, batch 16), timing
   each decoding step with a streamer so it reports TTFT and ITL like the others.
@@ -99,14 +100,18 @@ class ServerProcess:
 
 # -- llama.cpp -------------------------------------------------------------------------------------
 
-def llama_server_binary() -> str:
-    """$PONDER_LLAMA_SERVER, then the repo's .peers/bin (built by `make peers`), then $PATH."""
-    for candidate in (os.environ.get("PONDER_LLAMA_SERVER"), os.path.join(REPO_ROOT, ".peers", "bin", "llama-server"),
-                      shutil.which("llama-server")):
+def llama_binary(name: str) -> str:
+    """A llama.cpp program: $PONDER_<NAME> (PONDER_LLAMA_SERVER, PONDER_LLAMA_BENCH), then the repo's
+    .peers/bin (built by `make peers`), then $PATH."""
+    env = "PONDER_" + name.upper().replace("-", "_")
+    for candidate in (os.environ.get(env), os.path.join(REPO_ROOT, ".peers", "bin", name), shutil.which(name)):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    raise FileNotFoundError("llama-server not found: run `make peers` (builds .peers/bin/llama-server) "
-                            "or set PONDER_LLAMA_SERVER")
+    raise FileNotFoundError(f"{name} not found: run `make peers` (builds .peers/bin/{name}) or set {env}")
+
+
+def llama_server_binary() -> str:
+    return llama_binary("llama-server")
 
 
 def slot_context(workload: Workload, margin: int = 16, multiple: int = 256) -> int:
@@ -124,6 +129,29 @@ def llama_server(gguf_path: str, slots: int, slot_ctx: int, threads: int = LLAMA
             "-t", str(threads), "-np", str(slots), "-c", str(slots * slot_ctx), "-cram", "0",
             "--metrics", "--no-webui"]
     return ServerProcess("llama.cpp", argv, port, ready_path="/health")
+
+
+def llama_bench_argv(gguf_path: str, n_prompt: int, n_gen: int, repetitions: int,
+                     threads: int = LLAMA_THREADS) -> list[str]:
+    """llama-bench's pp and tg tests on the GGUF, results as JSON on stdout."""
+    if os.path.isdir(gguf_path):
+        raise ValueError(f"llama.cpp needs a GGUF file; {gguf_path} is a folder")
+    return [llama_binary("llama-bench"), "-m", gguf_path, "-p", str(n_prompt), "-n", str(n_gen),
+            "-t", str(threads), "-r", str(repetitions), "-o", "json"]
+
+
+def run_llama_bench(argv: list[str], timeout_s: float = 3600.0) -> list[dict]:
+    """Run llama-bench (argv from llama_bench_argv); its JSON rows, one per test."""
+    import json
+
+    out = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout_s)
+    if out.returncode != 0:
+        raise RuntimeError(f"llama-bench exited with code {out.returncode}:\n{' '.join(argv)}\n"
+                           f"{out.stderr[-3000:]}")
+    try:
+        return json.loads(out.stdout)
+    except json.JSONDecodeError as e:
+        raise RuntimeError(f"llama-bench printed no JSON ({e}):\n{out.stdout[-1000:]}") from None
 
 
 # -- ponder serve -----------------------------------------------------------------------------------

@@ -30,6 +30,18 @@ def cpu_model() -> str | None:
     return None
 
 
+def cpu_flags() -> set[str]:
+    """The first processor's feature flags (avx2, avx512_vnni, ...) from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return set()
+    return set()
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -44,9 +56,9 @@ def git_commit() -> str | None:
 def machine_info() -> dict:
     import torch
 
-    return {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__, "python_version": platform.python_version(),
-            "platform": platform.platform(), "git_commit": git_commit(),
+    return {"cpu_model": cpu_model(), "avx512_vnni": "avx512_vnni" in cpu_flags(), "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+            "python_version": platform.python_version(), "platform": platform.platform(), "git_commit": git_commit(),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -127,7 +139,12 @@ def side_by_side(runs: list[RunResult], baseline: str = BASELINE) -> str:
             if ratio:
                 row.append(_ratio(values.get(label), base_rows.get(label)))
         table.append(row)
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return format_table(table)
+
+
+def format_table(table: list[list[str]]) -> str:
+    """Rows of cells (the first row the header) as aligned text: first column left, the rest right."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))

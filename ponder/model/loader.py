@@ -165,6 +165,16 @@ def load_model(model: str | None, cache_dir: str, max_positions: int | None = No
     return LoadedModel(net, cfg, Tokenizer(tokenizer_dir, cfg.eos_token_ids), path, mode)
 
 
+def load_tokenizer(model: str | None, cache_dir: str) -> Tokenizer:
+    """The model's tokenizer without loading its weights (a GGUF's is exported once into the cache)."""
+    path = resolve_model_path(model, cache_dir)
+    if os.path.isdir(path):
+        return Tokenizer(path)
+    from ponder.model.gguf import export_tokenizer
+
+    return Tokenizer(_cached(path, "tokenizer", cache_dir, lambda out: export_tokenizer(path, out)))
+
+
 def weight_stats(loaded: LoadedModel) -> dict:
     """What the weights cost and which kernels run them (for stats() and benchmarks)."""
     if loaded.weights == "fp32":

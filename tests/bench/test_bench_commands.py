@@ -18,15 +18,16 @@ SMALL = ["--num-requests", "4", "--input-len", "8:16", "--output-len", "8", "--n
 KV = ["--num-kv-blocks", "64"]
 
 
-def _have_llama_server() -> bool:
+def _have(program: str) -> bool:
     try:
-        peers.llama_server_binary()
+        peers.llama_binary(program)
         return True
     except FileNotFoundError:
         return False
 
 
-needs_llama = pytest.mark.skipif(not _have_llama_server(), reason="llama-server not built (make peers)")
+needs_llama = pytest.mark.skipif(not _have("llama-server"), reason="llama-server not built (make peers)")
+needs_llama_bench = pytest.mark.skipif(not _have("llama-bench"), reason="llama-bench not built (make peers)")
 
 
 def _bench(tmp_path, *argv) -> dict:
@@ -111,6 +112,18 @@ def test_serve_against_llamacpp(tmp_path):
     (run,) = doc["runs"]
     _check_run(run, "llama.cpp", 4, 8)
     assert run["engine_counters"]["generation_tokens"] >= 32
+
+
+@needs_llama_bench
+def test_single_stream_against_llama_bench(tmp_path):
+    doc = _bench(tmp_path, "single-stream", "--pp", "16", "--tg", "4", "-r", "2", "--peer", "llama.cpp")
+    _check_machine(doc)
+    assert [(r["name"], r["test"]) for r in doc["runs"]] == \
+        [("ponder", "pp16"), ("ponder", "tg4"), ("llama.cpp", "pp16"), ("llama.cpp", "tg4")]
+    assert all(r["avg_ts"] > 0 and len(r["samples_ts"]) == 2 for r in doc["runs"])
+    llama = doc["llama.cpp"]
+    assert llama["n_threads"] == 2 and llama["argv"][-2:] == ["-o", "json"]
+    assert all(row["llama.cpp/ponder"] > 0 for row in doc["comparison"])
 
 
 def test_roofline_rates_a_results_file(tmp_path):
