@@ -38,6 +38,8 @@
 #endif
 
 #define CHUNK 256     /* keys per unit of work: fixed, so splitting never depends on the batch */
+#define KEYS 8        /* keys whose dot products run interleaved */
+#define VALUES 32     /* value rows converted per pass of the weighted sum */
 #define MAX_GROUP 64
 #define MAX_DIM 256
 
@@ -64,6 +66,14 @@ static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* Lane k = the sum of the 8 lanes of v[k] (a transpose by pairwise adds: one pass for 8 keys
+ * instead of 8 horizontal sums). */
+static inline __m256 sums8(const __m256 v[8]) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
 static inline float hmax8(__m256 v) {
@@ -121,16 +131,26 @@ static inline __attribute__((always_inline)) void attend_chunk(const Attention *
     const float *q = a->q + t * a->q_stride + kvh * G * D;       /* G consecutive query heads */
     int64_t rows[CHUNK];
     float s[MAX_GROUP * CHUNK];                                  /* s[g * CHUNK + j] */
-    __m256 x[MAX_DIM / 8];                                       /* one K or V row, as float32 */
+    __m256 vals[VALUES][MAX_DIM / 8];                            /* VALUES V rows, as float32 */
+    __m256 keys[KEYS][MAX_DIM / 8];                              /* KEYS K rows, as float32 */
     float *m = partial, *l = partial + G, *acc = partial + 2 * G;
 
     chunk_rows(a, a->tables + a->seq_of[t] * a->table_stride, c0, len, kvh, rows);
-    for (int64_t j = 0; j < len; ++j) {           /* s[g, j] = scale * q_g . k_j, k_j converted once */
-        for (int64_t i = 0; i < D / 8; ++i) x[i] = load8(a->k_cache, rows[j] + 8 * i, fp16);
+    /* s[g, j] = scale * q_g . k_j: one FMA chain over the head per (g, j), KEYS = 8 keys at a time
+     * so their chains overlap (a single chain waits on the FMA latency) and their 8 sums come out
+     * as one vector; keys converted once. Past the chunk's end the lanes are overwritten below. */
+    for (int64_t j0 = 0; j0 < len; j0 += KEYS) {
+        const int64_t nk = len - j0 < KEYS ? len - j0 : KEYS;
+        for (int64_t k = 0; k < nk; ++k)
+            for (int64_t i = 0; i < D / 8; ++i) keys[k][i] = load8(a->k_cache, rows[j0 + k] + 8 * i, fp16);
         for (int64_t g = 0; g < G; ++g) {
-            __m256 dot = _mm256_setzero_ps();
-            for (int64_t i = 0; i < D / 8; ++i) dot = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + 8 * i), x[i], dot);
-            s[g * CHUNK + j] = hsum8(dot) * a->scale;
+            __m256 dot[KEYS];
+            for (int64_t k = 0; k < KEYS; ++k) dot[k] = _mm256_setzero_ps();
+            for (int64_t i = 0; i < D / 8; ++i) {
+                const __m256 qv = _mm256_loadu_ps(q + g * D + 8 * i);
+                for (int64_t k = 0; k < KEYS; ++k) dot[k] = _mm256_fmadd_ps(qv, keys[k][i], dot[k]);
+            }
+            _mm256_storeu_ps(s + g * CHUNK + j0, _mm256_mul_ps(sums8(dot), _mm256_set1_ps(a->scale)));
         }
     }
     for (int64_t g = 0; g < G; ++g) {             /* scores -> exp(score - max), padded to 8 with 0 */
@@ -147,14 +167,21 @@ static inline __attribute__((always_inline)) void attend_chunk(const Attention *
         }
         l[g] = hsum8(sum);
     }
+    /* acc[g] = sum_j p[g, j] v_j in key order, VALUES keys at a time: their rows converted once
+     * into `vals`, each 8-float slice of acc kept in a register across them. */
     memset(acc, 0, sizeof(float) * (size_t)(G * D));
-    for (int64_t j = 0; j < len; ++j) {           /* acc[g] = sum_j p[g, j] v_j, v_j converted once */
-        for (int64_t i = 0; i < D / 8; ++i) x[i] = load8(a->v_cache, rows[j] + 8 * i, fp16);
+    for (int64_t j0 = 0; j0 < len; j0 += VALUES) {
+        const int64_t nv = len - j0 < VALUES ? len - j0 : VALUES;
+        for (int64_t k = 0; k < nv; ++k)
+            for (int64_t i = 0; i < D / 8; ++i) vals[k][i] = load8(a->v_cache, rows[j0 + k] + 8 * i, fp16);
         for (int64_t g = 0; g < G; ++g) {
-            const __m256 p = _mm256_set1_ps(s[g * CHUNK + j]);
+            const float *pg = s + g * CHUNK + j0;
             float *ag = acc + g * D;
-            for (int64_t i = 0; i < D / 8; ++i)
-                _mm256_storeu_ps(ag + 8 * i, _mm256_fmadd_ps(p, x[i], _mm256_loadu_ps(ag + 8 * i)));
+            for (int64_t i = 0; i < D / 8; ++i) {
+                __m256 sum = _mm256_loadu_ps(ag + 8 * i);
+                for (int64_t k = 0; k < nv; ++k) sum = _mm256_fmadd_ps(_mm256_set1_ps(pg[k]), vals[k][i], sum);
+                _mm256_storeu_ps(ag + 8 * i, sum);
+            }
         }
     }
 }

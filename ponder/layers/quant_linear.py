@@ -19,7 +19,7 @@ from torch import nn
 from ponder import kernels
 from ponder.model.repack import FORMAT_NAMES
 
-KERNEL_NAMES = {0: "scalar", 1: "avx2", 2: "vnni"}
+KERNEL_NAMES = {0: "scalar", 1: "avx2", 2: "vnni256", 3: "avx512-vnni"}
 
 
 class _Segment(ctypes.Structure):
@@ -65,7 +65,8 @@ def available() -> bool:
 
 
 def kernel_name() -> str:
-    """Which integer dot product the kernels use on this CPU: vnni, avx2 or scalar."""
+    """Which integer dot product the kernels use on this CPU: avx512-vnni (512-bit vpdpbusd),
+    vnni256 (256-bit), avx2 (vpmaddubsw) or scalar."""
     lib = library()
     return "none" if lib is None else KERNEL_NAMES[lib.qmm_has_vnni()]
 

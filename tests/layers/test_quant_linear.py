@@ -45,12 +45,16 @@ def matrix(qtype: QT, n: int, k: int, seed: int = 0) -> tuple[QuantMatrix, torch
     return QuantMatrix(fmt.id, n, k, packed), torch.from_numpy(repack.dequantize_parts(parts, fmt))
 
 
-def builds() -> list[tuple[str, object]]:
-    """(name, library) for each build this machine can run: native, AVX2, and plain C."""
-    out = [("native", quant_linear.library())]
-    if quant_linear.library().qmm_has_vnni() == 2:
-        out.append(("avx2", quant_linear.library(("-mno-avx512f", "-mno-avxvnni"))))
-    out.append(("plain-c", quant_linear.library(("-mno-avx2",))))
+def builds() -> list[tuple[str, object, int]]:
+    """(name, library, expected path) for each build this machine can run: native, then every
+    narrower instruction set down to plain C."""
+    native = quant_linear.library()
+    out = [("native", native, native.qmm_has_vnni())]
+    if native.qmm_has_vnni() == 3:
+        out.append(("vnni256", quant_linear.library(("-mno-avx512bw",)), 2))
+    if native.qmm_has_vnni() >= 2:
+        out.append(("avx2", quant_linear.library(("-mno-avx512f", "-mno-avxvnni")), 1))
+    out.append(("plain-c", quant_linear.library(("-mno-avx2",)), 0))
     return out
 
 
@@ -67,13 +71,13 @@ def test_split_is_lossless(qtype):
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
 def test_every_build_equals_reference(qtype):
-    n, k = 21, 512    # 21 rows: two full groups of 8 and a partial one
+    n, k = 37, 512    # 37 rows: four full groups of 8 (two pairs) and a partial one
     mat, w = matrix(qtype, n, k)
     lin = QuantLinear([mat], torch.randn(n))
     reference = quant_linear.library().qlinear_ref
     torch.manual_seed(0)
-    for name, lib in builds():
-        assert lib.qmm_has_vnni() == {"native": lib.qmm_has_vnni(), "avx2": 1, "plain-c": 0}[name]
+    for name, lib, path in builds():
+        assert lib.qmm_has_vnni() == path
         for m in ROWS:
             x = torch.randn(m, k) * 3
             want = lin.run(x, reference)
