@@ -83,7 +83,8 @@ class QuantLinear(nn.Module):
         cols = [sum(s.n for s in segments[:i]) for i in range(len(segments))]
         quant = [(s, c) for s, c in zip(segments, cols) if s.format is not None]
         self.dense = [(s.data, c) for s, c in zip(segments, cols) if s.format is None]
-        self._segments = (_Segment * len(quant))(*[_Segment(s.format, s.n, c, s.data.data_ptr()) for s, c in quant])
+        # The kernel's view of the quantized segments (also handed to the native decoder stack).
+        self.segment_table = (_Segment * len(quant))(*[_Segment(s.format, s.n, c, s.data.data_ptr()) for s, c in quant])
 
     @property
     def nbytes(self) -> int:
@@ -101,8 +102,8 @@ class QuantLinear(nn.Module):
         rows = x.shape[0]
         y = torch.empty(rows, self.out_features)
         bias = None if self.bias is None else self.bias.data_ptr()
-        if len(self._segments):
-            status = fn(x.data_ptr(), rows, self.in_features, self._segments, len(self._segments), bias,
+        if len(self.segment_table):
+            status = fn(x.data_ptr(), rows, self.in_features, self.segment_table, len(self.segment_table), bias,
                         y.data_ptr(), self.out_features)
             if status != 0:
                 raise ValueError(f"quantized matmul does not support K={self.in_features} with formats "

