@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
-
-from ponder.config import KV_CACHE_DTYPES, WEIGHT_FORMATS
+import typing
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="packaged name, GGUF file or HF folder (default: smollm2-135m-instruct)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
-                   help="native: GGUF tensors as stored (default for GGUF); q8_0/q4_0: requantize at load; "
-                        "fp32: dequantized reference path (default for HF folders)")
-    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
-                   help="default: fp16 on the quantized path, fp32 with fp32 weights")
+    """A flag for every EngineConfig field, generated from its definition (type, help, choices), so
+    every engine option is settable from every command. Unset flags leave EngineConfig's default."""
+    from ponder.config import EngineConfig
+
+    types = typing.get_type_hints(EngineConfig)
+    g = p.add_argument_group("engine options")
+    for f in dataclasses.fields(EngineConfig):
+        flag, dest = "--" + _flag(f).replace("_", "-"), _flag(f)
+        kind = next(t for t in (bool, int, float, str) if t is types[f.name] or t in typing.get_args(types[f.name]))
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f.metadata.get("help", "") + (f" (default: {default})" if default is not None else "")
+        if kind is bool:
+            g.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            g.add_argument(flag, dest=dest, type=kind, default=None, choices=f.metadata.get("choices"),
+                           help=help_text)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -37,10 +41,17 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_options(args) -> dict:
-    return dict(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                enable_prefix_caching=not args.no_prefix_caching, weights=args.weights,
-                kv_cache_dtype=args.kv_cache_dtype)
+    """The engine options set on the command line (the model aside), for EngineConfig."""
+    from ponder.config import EngineConfig
+
+    return {f.name: getattr(args, _flag(f)) for f in dataclasses.fields(EngineConfig)
+            if f.name != "model" and getattr(args, _flag(f), None) is not None}
+
+
+def _flag(f: dataclasses.Field) -> str:
+    """The option's name on the command line (and its argparse dest): the field's, unless it says
+    otherwise — `seed` is `--engine-seed`, since `--seed` is a request's."""
+    return (f.metadata.get("flag") or f.name).replace("-", "_")
 
 
 def sampling_params(args):

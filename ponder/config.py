@@ -9,6 +9,12 @@ from dataclasses import dataclass, field
 
 WEIGHT_FORMATS = ("native", "q8_0", "q4_0", "fp32")
 KV_CACHE_DTYPES = ("fp16", "fp32")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _option(default, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None):
+    """A field with what the command line needs to offer it (see ponder/cli.py's engine flags)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
 
 
 @dataclass
@@ -23,21 +29,26 @@ class EngineConfig:
     `kv_cache_dtype`: "fp16" or "fp32"; None: fp16 on the quantized path, fp32 with fp32 weights.
     """
 
-    model: str | None = None
-    dtype: str = "float32"
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory_gb: float = 2.0
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    weights: str | None = None
-    kv_cache_dtype: str | None = None
-    num_threads: int | None = None
-    seed: int = 0
+    model: str | None = _option(None, "packaged name, GGUF file or HF folder (default: smollm2-135m-instruct)")
+    dtype: str = _option("float32", "compute dtype of the fp32 path", choices=DTYPES)
+    block_size: int = _option(16, "tokens per KV cache block")
+    num_kv_blocks: int | None = _option(None, "KV cache blocks (overrides kv_cache_memory_gb)")
+    kv_cache_memory_gb: float = _option(2.0, "memory for the KV cache, GB")
+    max_num_seqs: int = _option(64, "most sequences in one step")
+    max_num_batched_tokens: int = _option(1024, "token budget of one step")
+    max_model_len: int | None = _option(None, "longest sequence (default: the model's context length)")
+    enable_prefix_caching: bool = _option(True, "reuse the KV blocks of shared prompt prefixes",
+                                          flag="prefix-caching")
+    weights: str | None = _option(None, "native: GGUF tensors as stored (default for GGUF); q8_0/q4_0: "
+                                        "requantize at load; fp32: the dequantized reference path "
+                                        "(default for HF folders)", choices=WEIGHT_FORMATS)
+    kv_cache_dtype: str | None = _option(None, "default: fp16 on the quantized path, fp32 with fp32 weights",
+                                         choices=KV_CACHE_DTYPES)
+    num_threads: int | None = _option(None, "torch and kernel threads (default: torch's)")
+    seed: int = _option(0, "the engine's seed, for requests that set none", flag="engine-seed")
     cache_dir: str = field(default_factory=lambda: os.environ.get(
-        "PONDER_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "ponder")))
+        "PONDER_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "ponder")),
+        metadata={"help": "where converted weights and built kernels are kept ($PONDER_CACHE_DIR)"})
 
     def __post_init__(self) -> None:
         _positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens")
@@ -47,7 +58,7 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
+        if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.weights is not None and self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")

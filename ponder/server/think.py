@@ -19,7 +19,7 @@ from ponder.server.errors import invalid
 from ponder.server.protocol import ChatCompletionRequest, EngineLimits
 from ponder.server.responses import ChatRenderer
 from ponder.think.result import ThinkResult
-from ponder.think.run import (ALIASES, DEFAULT_STRATEGY, SAMPLING_DEFAULTS, chat_completion_response,
+from ponder.think.run import (DEFAULT_STRATEGY, SAMPLING_DEFAULTS, chat_completion_response, strategy_name,
                               think_options_from_body)
 from ponder.think.scorers import SCORER_NAMES
 from ponder.think.strategies import STRATEGIES
@@ -112,8 +112,8 @@ def think_options(body: ChatCompletionRequest, prompt_len: int, limits: EngineLi
     strategy = ponder.get("strategy", DEFAULT_STRATEGY)
     if not isinstance(strategy, str):
         raise invalid(f"'ponder.strategy' must be a string, got {strategy!r}", "ponder.strategy")
-    name = ALIASES.get(strategy, strategy)
-    if name not in STRATEGIES:
+    name = strategy_name(strategy)
+    if name is None:
         raise invalid(f"Unknown strategy {strategy!r} in 'ponder.strategy'; choose one of "
                       f"{', '.join(STRATEGIES)}", "ponder.strategy")
     valid = strategy_options(name)

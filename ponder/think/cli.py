@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ponder.think.run import ALIASES, DEFAULT_STRATEGY
+from ponder.think.run import ALIASES, DEFAULT_STRATEGY, strategy_name
 from ponder.think.strategies import STRATEGIES
 
 # strategy options the command line can set: flag dest -> option name
@@ -18,7 +18,8 @@ _STRATEGY_FLAGS = {"n": "n", "scorer": "scorer", "width": "width", "vote": "vote
 def add_parser(sub, engine_args) -> argparse.ArgumentParser:
     p = sub.add_parser("think", help="answer a question with inference-time compute (branches share KV)")
     p.add_argument("question")
-    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=sorted([*STRATEGIES, *ALIASES]))
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, type=_strategy,
+                   help=f"{', '.join(STRATEGIES)} (or {', '.join(ALIASES)}; underscores work too)")
     p.add_argument("-n", type=int, default=None, help="branches / samples / beams / particles")
     p.add_argument("--scorer", default=None,
                    help="self-eval, confidence, confidence-min-window, confidence-tail")
@@ -40,6 +41,13 @@ def add_parser(sub, engine_args) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
     engine_args(p)
     return p
+
+
+def _strategy(text: str) -> str:
+    name = strategy_name(text)
+    if name is None:
+        raise argparse.ArgumentTypeError(f"unknown strategy {text!r}; choose one of {', '.join(STRATEGIES)}")
+    return name
 
 
 def think_options(args) -> dict:

@@ -126,12 +126,19 @@ def _closing(session: ThinkSession, program: Gen[ThinkResult]) -> Gen[ThinkResul
         session.close()
 
 
+def strategy_name(strategy: str) -> str | None:
+    """The strategy a user's spelling names (`self_consistency`, `self-consistency`, `sc`), or None."""
+    spelled = strategy.strip().lower().replace("_", "-")
+    name = ALIASES.get(spelled, spelled)
+    return name if name in STRATEGIES else None
+
+
 def start_think(engine: LLMEngine, prompt, strategy: str = DEFAULT_STRATEGY, *, chat: bool | None = None,
                 request_id: str | None = None, contain_errors: bool = False, **options) -> ThinkRun:
     """Queue a think request and run its strategy up to its first wait. Raises ValueError for an
     unknown strategy, an unknown option, a bad value or a prompt that cannot be served."""
-    name = ALIASES.get(strategy, strategy)
-    if name not in STRATEGIES:
+    name = strategy_name(strategy)
+    if name is None:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     fn = STRATEGIES[name]
     sampling = {k: options.pop(k) for k in list(options) if k in SAMPLING_DEFAULTS}

@@ -113,7 +113,7 @@ def test_cli_parses_think():
     assert args.func.__name__ == "cmd_think"
     assert think_options(args) == {"n": 8, "max_tokens": 512, "temperature": 0.8, "top_p": 1.0, "seed": None}
     args = build_parser().parse_args(["think", "q", "--strategy", "beam", "--width", "2", "--scorer", "self-eval"])
-    assert think_options(args)["width"] == 2 and args.strategy == "beam"
+    assert think_options(args)["width"] == 2 and args.strategy == "beam-search"   # aliases resolve at parse time
 
 
 @pytest.mark.slow
@@ -151,3 +151,13 @@ def test_gsm8k_benchmark_smoke(make_tiny_engine, tmp_path):
         assert 0.0 <= row["accuracy"] <= 1.0 and row["generated_tokens"] > 0 and len(row["per_problem"]) == 2
     assert json.loads(out.read_text())["strategies"].keys() == report["strategies"].keys()
     engine.pool.check_empty()
+
+
+def test_strategy_spellings_resolve_alike():
+    from ponder.cli import build_parser
+    from ponder.think.run import strategy_name
+
+    for spelling in ("self-consistency", "self_consistency", "Self_Consistency", "sc"):
+        assert strategy_name(spelling) == "self-consistency"
+        assert build_parser().parse_args(["think", "q", "--strategy", spelling]).strategy == "self-consistency"
+    assert strategy_name("self consistency") is None

@@ -1,0 +1,52 @@
+"""The command line offers every engine option, generated from EngineConfig's definition."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from ponder.cli import build_parser, engine_options
+from ponder.config import EngineConfig
+
+# Every command that builds an engine (`bench serve` drives servers over HTTP: --ponder-args).
+COMMANDS = [["generate", "hi"], ["chat"], ["serve"], ["think", "q"], ["bench", "throughput"],
+            ["bench", "single-stream"], ["bench", "tune"], ["bench", "costmodel"]]
+SETTINGS = {"dtype": ("--dtype", "bfloat16", "bfloat16"), "block_size": ("--block-size", "8", 8),
+            "num_kv_blocks": ("--num-kv-blocks", "12", 12), "kv_cache_memory_gb": ("--kv-cache-memory-gb", "0.5", 0.5),
+            "max_num_seqs": ("--max-num-seqs", "3", 3), "max_num_batched_tokens": ("--max-num-batched-tokens", "64", 64),
+            "max_model_len": ("--max-model-len", "256", 256), "enable_prefix_caching": ("--no-prefix-caching", None, False),
+            "weights": ("--weights", "q8_0", "q8_0"), "kv_cache_dtype": ("--kv-cache-dtype", "fp32", "fp32"),
+            "num_threads": ("--num-threads", "1", 1), "seed": ("--engine-seed", "7", 7),
+            "cache_dir": ("--cache-dir", "/tmp/x", "/tmp/x")}
+
+
+def test_settings_cover_every_engine_option():
+    assert set(SETTINGS) == {f.name for f in dataclasses.fields(EngineConfig)} - {"model"}
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_sets_every_engine_option(command):
+    argv = list(command)
+    for flag, value, _ in SETTINGS.values():
+        argv += [flag] if value is None else [flag, value]
+    options = engine_options(build_parser().parse_args(argv))
+    assert options == {name: want for name, (_, _, want) in SETTINGS.items()}
+    EngineConfig.from_options(None, **options)           # all valid together
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_unset_flags_keep_the_config_defaults(command):
+    args = build_parser().parse_args(command)
+    defaults = {"max_num_seqs": 1} if command[-1] == "single-stream" else {}
+    assert engine_options(args) == defaults
+
+
+def test_engine_seed_and_request_seed_are_different_flags():
+    args = build_parser().parse_args(["generate", "hi", "--seed", "3", "--engine-seed", "5"])
+    assert args.seed == 3 and engine_options(args)["seed"] == 5
+
+
+def test_a_bad_choice_is_refused():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "hi", "--weights", "q2"])
