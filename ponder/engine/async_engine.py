@@ -6,13 +6,14 @@ the loop in one `call_soon_threadsafe` per step, whatever the number of requests
 only the newest output of each of its engine requests: outputs are cumulative, so a slow reader
 skips intermediate states instead of queueing them. With no work the thread blocks on the queue.
 
-Think requests (`think`, ponder.think strategies) run on the same thread: after every engine step
-each live `ThinkRun` advances (forks, scores, prunes, ...), and its progress events and, at the
-end, its result go to a `ThinkStream`. The thread never blocks while a think run is live, even
-when the scheduler is idle between two of its phases.
+Programs (`start_program`, ponder/engine/programs.py — a think strategy is one) run on the same
+thread: after every engine step each live program advances (forks, scores, prunes, ...), and its
+progress events and, at the end, its result go to a `ProgramStream`. The thread never blocks
+while a program is live, even when the scheduler is idle between two of its phases. The async
+engine knows no strategy: it is handed a factory that builds the program on the engine thread.
 
 Admission is bounded: past `max_waiting_requests` requests that would have to wait, `add` (and
-`think`, which counts as one request) raises EngineUnavailable (an HTTP server answers 503 with
+`start_program`, which counts as one request) raises EngineUnavailable (an HTTP server answers 503 with
 Retry-After) instead of queueing without end.
 """
 
@@ -29,10 +30,9 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from ponder.engine.engine import LLMEngine
+from ponder.engine.programs import Program, ProgramFactory, ProgramResult, advance_programs
 from ponder.outputs import RequestOutput
 from ponder.sampling_params import SamplingParams
-from ponder.think.result import ThinkResult
-from ponder.think.run import ThinkPrompt, ThinkRun, start_think_request
 
 logger = logging.getLogger("ponder.engine")
 
@@ -96,26 +96,26 @@ class RequestStream:
 
 
 @dataclass
-class ThinkUpdate:
-    """What one think run did since the last update: progress events, and its result at the end."""
+class ProgramUpdate:
+    """What one program did since the last update: progress events, and its result at the end."""
 
     events: list[dict]
-    result: ThinkResult | None = None
+    result: ProgramResult | None = None
 
 
-class ThinkStream:
-    """Progress events and the result of one think request (see `AsyncEngine.think`)."""
+class ProgramStream:
+    """Progress events and the result of one program (see `AsyncEngine.start_program`)."""
 
     def __init__(self, request_id: str):
         self.request_ids = [request_id]
-        self.done = False              # the result came, or the run failed or was aborted
-        self.result: ThinkResult | None = None
+        self.done = False              # the result came, or the program failed or was aborted
+        self.result: ProgramResult | None = None
         self._events: list[dict] = []
-        self._result: ThinkResult | None = None
+        self._result: ProgramResult | None = None
         self._error: BaseException | None = None
         self._changed = asyncio.Event()
 
-    def _receive(self, item: ThinkUpdate | BaseException) -> None:
+    def _receive(self, item: ProgramUpdate | BaseException) -> None:
         if isinstance(item, BaseException):
             self._error = item
         else:
@@ -129,8 +129,8 @@ class ThinkStream:
         self._changed.set()
 
     async def updates(self) -> AsyncIterator[list[dict]]:
-        """Yield the progress events that came since the last yield, until the run ends; then
-        `result` is set. Raises RequestFailed (the strategy or the engine failed this request),
+        """Yield the progress events that came since the last yield, until the program ends; then
+        `result` is set. Raises RequestFailed (the program or the engine failed this request),
         RequestAborted or EngineDeadError if it ends otherwise."""
         while not self.done:
             await self._changed.wait()
@@ -144,12 +144,12 @@ class ThinkStream:
             if self._result is not None:
                 self.done = True
                 if self._result.error == "aborted":
-                    raise RequestAborted("the think request was aborted")
+                    raise RequestAborted("the request was aborted")
                 if self._result.error is not None:
                     raise RequestFailed(self._result.error)
                 self.result = self._result
 
-    async def final(self) -> ThinkResult:
+    async def final(self) -> ProgramResult:
         """Wait for the result (progress events are dropped)."""
         async for _ in self.updates():
             pass
@@ -223,11 +223,10 @@ class _Add:
 
 
 @dataclass
-class _Think:
+class _Start:
     request_id: str
-    prompt: ThinkPrompt | list[dict]
-    options: dict
-    stream: ThinkStream
+    factory: ProgramFactory
+    stream: ProgramStream
     arrival: float
     future: asyncio.Future
 
@@ -254,26 +253,26 @@ class _Tracked:
 
 
 @dataclass
-class _LiveThink:
-    """Engine-thread view of one think run: where its updates go, and when it last reported."""
+class _LiveProgram:
+    """Engine-thread view of one program: where its updates go, and when it last reported."""
 
-    run: ThinkRun
-    stream: ThinkStream
+    program: Program
+    stream: ProgramStream
     arrival: float
     progress_key: tuple | None = None    # (alive, finished) of the last progress event sent
     progress_at: float = 0.0
     progress_tokens: int = -1
 
 
-Delivery = tuple["RequestStream | ThinkStream", "RequestOutput | ThinkUpdate | BaseException"]
+Delivery = tuple["RequestStream | ProgramStream", "RequestOutput | ProgramUpdate | BaseException"]
 Settlement = tuple[asyncio.Future, "BaseException | None"]
 
 
 class AsyncEngine:
     """Serve an LLMEngine to asyncio code: `stream = await add(...)`, then `stream.updates()`;
-    `stream = await think(...)` for a think strategy."""
+    `stream = await start_program(factory, ...)` for a program (a think strategy, say)."""
 
-    progress_interval = 0.5     # seconds between progress events of a think run whose branches
+    progress_interval = 0.5     # seconds between progress events of a program whose branches
                                 # only grow (any change in branches alive or finished is sent at once)
 
     def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None,
@@ -296,7 +295,7 @@ class AsyncEngine:
         self.error: BaseException | None = None
         # engine-thread state
         self._tracked: dict[str, _Tracked] = {}
-        self._runs: dict[str, _LiveThink] = {}  # think runs by request id
+        self._programs: dict[str, _LiveProgram] = {}   # live programs by request id
         self._num_added = 0                     # prompts the thread has taken (added or refused)
         self._stats = self._snapshot()
 
@@ -362,20 +361,19 @@ class AsyncEngine:
             raise
         return stream
 
-    async def think(self, prompt: ThinkPrompt | list[dict], options: dict, request_id: str) -> ThinkStream:
-        """Start a think request on chat messages (or a ThinkPrompt already rendered): `options`
-        holds "strategy" and its options (see ponder.think.start_think_request). Counts as one
-        request for admission and in flight.
+    async def start_program(self, factory: ProgramFactory, request_id: str) -> ProgramStream:
+        """Start the program `factory(engine)` builds (on the engine thread; for a think request,
+        ponder.think.run.think_program). Counts as one request for admission and in flight.
 
-        Raises ValueError (an unknown strategy or option, a bad value, a prompt the engine refuses;
-        nothing runs then), EngineUnavailable or EngineDeadError.
+        Raises ValueError (the factory refused its description or prompt; nothing runs then),
+        RequestFailed (the factory failed otherwise), EngineUnavailable or EngineDeadError.
         """
-        stream = ThinkStream(request_id)
+        stream = ProgramStream(request_id)
         with self._lock:
             self._admit(1)
             future = self._loop.create_future()
             self._num_submitted += 1
-            self._commands.put(_Think(request_id, prompt, dict(options), stream, time.monotonic(), future))
+            self._commands.put(_Start(request_id, factory, stream, time.monotonic(), future))
         try:
             await future
         except asyncio.CancelledError:
@@ -428,12 +426,12 @@ class AsyncEngine:
             self._die(exc)
 
     def _iterate(self) -> bool:
-        # a live think run must be advanced even if its engine request is gone (it then ends)
-        idle = not self.engine.has_unfinished_requests() and not self._runs
+        # a live program must be advanced even if its engine request is gone (it then ends)
+        idle = not self.engine.has_unfinished_requests() and not self._programs
         commands = self._take_commands(block=idle)
         if commands and not self._apply(commands):
             return False
-        if self.engine.has_unfinished_requests() or self._runs:
+        if self.engine.has_unfinished_requests() or self._programs:
             self._step()
         return True
 
@@ -453,8 +451,8 @@ class AsyncEngine:
         for cmd in commands:
             if isinstance(cmd, _Add):
                 settlements.append((cmd.future, self._add(cmd)))
-            elif isinstance(cmd, _Think):
-                settlements.append((cmd.future, self._start_think(cmd)))
+            elif isinstance(cmd, _Start):
+                settlements.append((cmd.future, self._start_program(cmd)))
             elif isinstance(cmd, _Abort):
                 self._abort(cmd.request_ids, RequestAborted(cmd.reason), deliveries)
             else:
@@ -479,24 +477,24 @@ class AsyncEngine:
             self._tracked[rid] = _Tracked(cmd.stream, cmd.arrival)
         return None
 
-    def _start_think(self, cmd: _Think) -> Exception | None:
+    def _start_program(self, cmd: _Start) -> Exception | None:
         self._num_added += 1
         try:
-            run = start_think_request(self.engine, cmd.prompt, cmd.options, cmd.request_id)
+            program = cmd.factory(self.engine)
         except ValueError as e:
             return e
-        except Exception as e:          # a bug in a strategy: this request fails, the engine goes on
-            logger.exception("think request %s failed to start", cmd.request_id)
-            self.engine.abort_request(cmd.request_id)      # (the run frees its branches itself)
-            return RequestFailed(f"the think request failed to start: {type(e).__name__}: {e}")
-        self._runs[cmd.request_id] = _LiveThink(run, cmd.stream, cmd.arrival)
+        except Exception as e:          # a bug in a program: this request fails, the engine goes on
+            logger.exception("request %s failed to start", cmd.request_id)
+            self.engine.abort_request(cmd.request_id)      # (the program frees its sequences itself)
+            return RequestFailed(f"the request failed to start: {type(e).__name__}: {e}")
+        self._programs[cmd.request_id] = _LiveProgram(program, cmd.stream, cmd.arrival)
         return None
 
     def _abort(self, request_ids: list[str] | None, error: RequestAborted, deliveries: list[Delivery]) -> None:
-        for rid in list(self._runs) if request_ids is None else request_ids:
-            live = self._runs.pop(rid, None)
+        for rid in list(self._programs) if request_ids is None else request_ids:
+            live = self._programs.pop(rid, None)
             if live is not None:
-                live.run.abort()            # frees every branch now
+                live.program.abort()        # frees every branch now
                 deliveries.append((live.stream, error))
         for rid in list(self._tracked) if request_ids is None else request_ids:
             tracked = self._tracked.pop(rid, None)
@@ -521,8 +519,8 @@ class AsyncEngine:
                 del self._tracked[out.request_id]
                 reason = "error" if out.error else (out.outputs[0].finish_reason or "stop")
                 report.finished.append((reason, now - tracked.arrival))
-        if self._runs:
-            self._advance_runs(deliveries, report)
+        if self._programs:
+            self._advance_programs(deliveries, report)
         self._stats = report.stats = self._snapshot()
         report.num_sampled = report.stats["generation_tokens"] - before["generation_tokens"]
         report.num_tokens = report.num_sampled + report.stats["prompt_tokens"] - before["prompt_tokens"]
@@ -530,31 +528,30 @@ class AsyncEngine:
         if self._on_step is not None:
             self._on_step(report)
 
-    def _advance_runs(self, deliveries: list[Delivery], report: StepReport) -> None:
-        """Let every think run act on this step's results; send progress, and results of those done."""
-        for rid, live in list(self._runs.items()):
-            done = live.run.advance()     # a failing strategy ends its own run (result.error)
-            now = time.monotonic()
-            events = live.run.drain_events()
-            if not done and not self.engine.scheduler.has_work:
-                # it waits on branches nothing runs: it would never end (a strategy bug)
-                live.run.abort()
-                live.run.result.error = "the think strategy waits on branches the engine is not running"
-                logger.error("think request %s: %s", rid, live.run.result.error)
-                done = True
+    def _advance_programs(self, deliveries: list[Delivery], report: StepReport) -> None:
+        """Let every program act on this step's results; send progress, and results of those done.
+        A failing program ends itself (result.error); one that could never progress is ended by
+        the shared loop (programs.advance_programs)."""
+        ended = {id(p) for p in advance_programs(self.engine, [live.program for live in self._programs.values()])}
+        now = time.monotonic()
+        for rid, live in list(self._programs.items()):
+            done = id(live.program) in ended
+            events = live.program.drain_events()
             if not done:
                 progress = self._progress(live, now)
                 if progress is not None:
                     events.append(progress)
-            if done:
-                del self._runs[rid]
-                report.finished.append(("error" if live.run.result.error else "stop", now - live.arrival))
+            else:
+                del self._programs[rid]
+                if live.program.result.error:
+                    logger.error("request %s: %s", rid, live.program.result.error)
+                report.finished.append(("error" if live.program.result.error else "stop", now - live.arrival))
             if events or done:
-                deliveries.append((live.stream, ThinkUpdate(events, live.run.result if done else None)))
+                deliveries.append((live.stream, ProgramUpdate(events, live.program.result if done else None)))
 
-    def _progress(self, live: _LiveThink, now: float) -> dict | None:
+    def _progress(self, live: _LiveProgram, now: float) -> dict | None:
         """A progress snapshot when branches started or finished, else at most every progress_interval."""
-        progress = live.run.progress()
+        progress = live.program.progress()
         key = (progress["branches_alive"], progress["branches_finished"])
         if key == live.progress_key and (now - live.progress_at < self.progress_interval
                                          or progress["generated_tokens"] == live.progress_tokens):
@@ -575,7 +572,7 @@ class AsyncEngine:
 
     def _snapshot(self) -> dict:
         return {**self.engine.stats(), "requests_added": self._num_added,
-                "requests_in_flight": len(self._tracked) + len(self._runs)}
+                "requests_in_flight": len(self._tracked) + len(self._programs)}
 
     def _send(self, settlements: list[Settlement], deliveries: list[Delivery]) -> None:
         if settlements or deliveries:
@@ -586,16 +583,16 @@ class AsyncEngine:
         with self._lock:
             self.error = exc
             pending = self._take_commands(block=False)
-        settlements = [(cmd.future, error) for cmd in pending if isinstance(cmd, (_Add, _Think))]
+        settlements = [(cmd.future, error) for cmd in pending if isinstance(cmd, (_Add, _Start))]
         deliveries = [(t.stream, error) for t in self._tracked.values()]
         self._tracked.clear()
-        for live in self._runs.values():
+        for live in self._programs.values():
             deliveries.append((live.stream, error))
             try:
-                live.run.abort()            # free its branches if the engine still can
+                live.program.abort()        # free its branches if the engine still can
             except Exception:
-                logger.exception("could not free the branches of think request %s", live.run.request_id)
-        self._runs.clear()
+                logger.exception("could not free the branches of request %s", live.program.request_id)
+        self._programs.clear()
         self._send(settlements, deliveries)
 
 

@@ -20,7 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from ponder.engine.async_engine import (AsyncEngine, EngineDeadError, EngineThread, EngineUnavailable,
-                                        RequestAborted, RequestFailed, RequestStream, ThinkStream)
+                                        ProgramStream, RequestAborted, RequestFailed, RequestStream)
 from ponder.engine.engine import LLMEngine
 from ponder.model.loader import DEFAULT_MODEL
 from ponder.model.tokenizer import Tokenizer
@@ -34,7 +34,7 @@ from ponder.server.protocol import (MAX_BODY_BYTES, ChatCompletionRequest, Compl
 from ponder.server.responses import (ChatRenderer, CompletionRenderer, DeltaTracker, Renderer, TokenTexts,
                                      usage)
 from ponder.server.think import ThinkRenderer, param_of, think_options
-from ponder.think.run import ThinkPrompt
+from ponder.think.run import ThinkPrompt, think_program
 
 
 @dataclass
@@ -204,7 +204,7 @@ async def _think(request: Request, body: ChatCompletionRequest) -> Response:
     prompt = ThinkPrompt.from_messages([m.template_input() for m in body.messages], ids)   # rendered once
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     try:
-        stream = await state.engine.think(prompt, options, request_id)
+        stream = await state.engine.start_program(think_program(prompt, options, request_id), request_id)
     except ValueError as e:            # a bad option value, or a prompt the engine refuses
         raise invalid(str(e), param_of(str(e), options)) from None
     except EngineUnavailable as e:
@@ -305,7 +305,7 @@ async def _unless_disconnected(work, request: Request, abort: Callable[[], None]
 class ThinkGeneration:
     """One think request rendered as OpenAI JSON: whole, or as server-sent events with progress."""
 
-    stream: ThinkStream
+    stream: ProgramStream
     renderer: ThinkRenderer
     engine: AsyncEngine
     options: dict

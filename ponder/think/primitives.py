@@ -26,6 +26,7 @@ from collections import Counter
 from typing import Callable, Generator, Iterable, TypeVar
 
 from ponder.engine.engine import LLMEngine
+from ponder.engine.programs import run_programs
 from ponder.engine.sequence import Sequence, SequenceStatus, StepLimits
 from ponder.sampling_params import SamplingParams
 from ponder.think.answers import extract_answer
@@ -253,20 +254,45 @@ def softmax(log_weights: list[float]) -> list[float]:
 
 
 def drive(engine: LLMEngine, programs: list[Gen]) -> list:
-    """Run generator programs to completion, stepping the engine whenever all of them wait.
+    """Run generator programs to completion with the engine's one program loop (stepping the
+    engine whenever all of them wait). Offline only: the caller must be the engine's only driver.
+    Returns their return values; raises RuntimeError if they wait on nothing the engine runs."""
+    steps = [_GeneratorProgram(program) for program in programs]
+    run_programs(engine, steps)
+    stalled = next((s.result.error for s in steps if s.result.error), None)
+    if stalled is not None:
+        raise RuntimeError(stalled)
+    return [s.value for s in steps]
 
-    Offline only: the caller must be the engine's only driver. Returns their return values."""
-    results: list = [None] * len(programs)
-    pending = dict(enumerate(programs))
-    while pending:
-        for i, program in list(pending.items()):
+
+@dataclasses.dataclass
+class _Ended:
+    error: str | None = None
+
+
+class _GeneratorProgram:
+    """A bare generator (a primitive, or a strategy without a session of its own) as a program."""
+
+    request_id = ""
+
+    def __init__(self, generator: Gen):
+        self.generator, self.value, self.result = generator, None, None
+
+    def advance(self) -> bool:
+        if self.result is None:
             try:
-                next(program)
+                next(self.generator)
             except StopIteration as stop:
-                results[i] = stop.value
-                del pending[i]
-        if pending:
-            if not engine.scheduler.has_work:
-                raise RuntimeError("think programs wait on branches the engine is not running")
-            engine.step()
-    return results
+                self.value, self.result = stop.value, _Ended()
+        return self.result is not None
+
+    def abort(self) -> None:
+        self.generator.close()
+        if self.result is None:
+            self.result = _Ended("aborted")
+
+    def drain_events(self) -> list[dict]:
+        return []
+
+    def progress(self) -> dict:
+        return {}

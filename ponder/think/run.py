@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from ponder.engine.engine import LLMEngine
+from ponder.engine.programs import ProgramFactory, run_programs
 from ponder.sampling_params import SamplingParams
 from ponder.think.answers import extract_answer
 from ponder.think.primitives import Gen, ThinkSession
@@ -39,8 +40,9 @@ class ThinkPrompt:
 
 
 class ThinkRun:
-    """One think request in progress. Call `advance()` between engine steps (on the thread that
-    steps the engine); it returns True once `result` is set. The run holds no engine lock."""
+    """One think request in progress: a program (ponder/engine/programs.py). Call `advance()`
+    between engine steps (on the thread that steps the engine); it returns True once `result` is
+    set. The run holds no engine lock."""
 
     def __init__(self, session: ThinkSession, program: Gen[ThinkResult], strategy: str,
                  contain_errors: bool = False):
@@ -165,14 +167,14 @@ def think(engine: LLMEngine, prompts: list, strategy: str = DEFAULT_STRATEGY, **
     try:
         for prompt in prompts:
             runs.append(start_think(engine, prompt, strategy, **dict(options)))
-        while not all([run.advance() for run in runs]):
-            if not engine.scheduler.has_work:
-                raise RuntimeError("think strategies wait on branches the engine is not running")
-            engine.step()
-    finally:
+    except BaseException:
         for run in runs:
-            if not run.done:
-                run.abort()
+            run.abort()
+        raise
+    run_programs(engine, runs)       # a strategy's exception propagates (contain_errors=False)
+    stalled = next((run.result.error for run in runs if run.result.error), None)
+    if stalled is not None:
+        raise RuntimeError(stalled)
     return [run.result for run in runs]
 
 
@@ -223,12 +225,18 @@ def start_think_request(engine: LLMEngine, prompt: ThinkPrompt | list[dict], opt
     return start_think(engine, prompt, strategy, request_id=request_id, contain_errors=True, **options)
 
 
+def think_program(prompt: ThinkPrompt | list[dict], options: dict, request_id: str | None = None) -> ProgramFactory:
+    """A think request as a program factory for an engine's driver (the async engine calls it on
+    the engine thread). Built from plain values: the prompt, "strategy" and its options."""
+    options = dict(options)
+    return lambda engine: start_think_request(engine, prompt, options, request_id)
+
+
 def run_think_request(engine: LLMEngine, messages: list[dict], options: dict) -> ThinkResult:
     """Blocking: run a think request to the end, stepping the engine here (only when nothing else
     drives this engine)."""
     run = start_think_request(engine, messages, options)
-    while not run.advance():
-        engine.step()
+    run_programs(engine, [run])
     return run.result
 
 

@@ -1,5 +1,6 @@
 """Think strategies over HTTP: /v1/chat/completions with a "ponder" object, through the official
-`openai` client (extra_body) on the default model, and AsyncEngine.think on the tiny model."""
+`openai` client (extra_body) on the default model, and think programs on the AsyncEngine with the
+tiny model."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pytest
 from ponder import SamplingParams
 from ponder.engine.async_engine import (AsyncEngine, EngineDeadError, EngineUnavailable, RequestAborted,
                                         RequestFailed)
-from ponder.think.run import ThinkPrompt
+from ponder.engine.programs import STALLED
+from ponder.think.run import ThinkPrompt, think_program
 from ponder.think.strategies import STRATEGIES
 from tests.server.conftest import make_tiny_engine
 
@@ -22,9 +24,14 @@ QUESTION = [{"role": "user", "content": "What is 2 + 3? Give the final answer as
 SC = {"strategy": "self-consistency", "n": 4}
 
 
-# -- AsyncEngine.think (tiny model, fast) -------------------------------------------------------------
+# -- think programs on the AsyncEngine (tiny model, fast) --------------------------------------------
 def _run(coro):
     return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def start_think(ae: AsyncEngine, prompt, options: dict, request_id: str):
+    """What the server does for a think request: hand the async engine a think program."""
+    return ae.start_program(think_program(prompt, options, request_id), request_id)
 
 
 def test_async_engine_think_alone_counts_in_flight_and_frees_everything(byte_tokenizer_dir):
@@ -33,7 +40,7 @@ def test_async_engine_think_alone_counts_in_flight_and_frees_everything(byte_tok
     async def main():
         ae = AsyncEngine(engine)
         ae.start()
-        stream = await ae.think([{"role": "user", "content": "hi"}],
+        stream = await start_think(ae, [{"role": "user", "content": "hi"}],
                                 {"strategy": "self-consistency", "n": 3, "max_tokens": 6}, "t1")
         assert ae.num_in_flight == 1
         events = []
@@ -41,7 +48,7 @@ def test_async_engine_think_alone_counts_in_flight_and_frees_everything(byte_tok
             events += batch
         assert ae.stats["requests_in_flight"] == 0
         with pytest.raises(ValueError, match="unknown strategy"):
-            await ae.think([{"role": "user", "content": "hi"}], {"strategy": "nope"}, "t2")
+            await start_think(ae, [{"role": "user", "content": "hi"}], {"strategy": "nope"}, "t2")
         assert ae.num_in_flight == 0
         await ae.shutdown()
         return stream.result, events
@@ -69,7 +76,7 @@ def test_async_engine_think_takes_a_prompt_the_server_already_rendered(byte_toke
     async def main():
         ae = AsyncEngine(engine)
         ae.start()
-        stream = await ae.think(ThinkPrompt.from_messages(messages, ids),
+        stream = await start_think(ae, ThinkPrompt.from_messages(messages, ids),
                                 {"strategy": "self-consistency", "n": 2, "max_tokens": 4}, "t1")
         async for _ in stream.updates():
             pass
@@ -90,7 +97,7 @@ def test_async_engine_think_abort_shutdown_and_death(byte_tokenizer_dir):
         ae = AsyncEngine(engine)
         ae.start()
         # aborted by the client after its first progress event: every branch freed at once
-        a = await ae.think([{"role": "user", "content": "a"}], long, "a")
+        a = await start_think(ae, [{"role": "user", "content": "a"}], long, "a")
         updates = a.updates()
         await updates.__anext__()
         ae.abort(a.request_ids)
@@ -101,7 +108,7 @@ def test_async_engine_think_abort_shutdown_and_death(byte_tokenizer_dir):
             await asyncio.sleep(0.01)
         assert not engine.requests and engine.pool.num_free == engine.pool.num_blocks
         # shut down while running: aborted too
-        b = await ae.think([{"role": "user", "content": "b"}], long, "b")
+        b = await start_think(ae, [{"role": "user", "content": "b"}], long, "b")
         await b.updates().__anext__()
         await ae.shutdown()
         with pytest.raises(RequestAborted, match="shutting down"):
@@ -116,7 +123,7 @@ def test_async_engine_think_abort_shutdown_and_death(byte_tokenizer_dir):
     async def dies():
         ae = AsyncEngine(engine)
         ae.start()
-        stream = await ae.think([{"role": "user", "content": "c"}], long, "c")
+        stream = await start_think(ae, [{"role": "user", "content": "c"}], long, "c")
 
         def broken_step():
             raise RuntimeError("kaboom")
@@ -138,7 +145,7 @@ def test_async_engine_think_is_bounded_like_a_request(byte_tokenizer_dir):
         ae.start()
         await ae.add([[1]], SamplingParams(max_tokens=400, ignore_eos=True), "running")   # the one slot
         with pytest.raises(EngineUnavailable):
-            await ae.think([{"role": "user", "content": "x"}], {"strategy": "greedy"}, "refused")
+            await start_think(ae, [{"role": "user", "content": "x"}], {"strategy": "greedy"}, "refused")
         assert ae.num_in_flight == 1
         await ae.shutdown()
 
@@ -160,10 +167,10 @@ def test_async_engine_ends_a_run_that_waits_on_nothing(byte_tokenizer_dir, monke
     async def main():
         ae = AsyncEngine(engine)
         ae.start()
-        stream = await ae.think([{"role": "user", "content": "x"}], {"strategy": "stuck"}, "s")
-        with pytest.raises(RequestFailed, match="waits on branches"):
+        stream = await start_think(ae, [{"role": "user", "content": "x"}], {"strategy": "stuck"}, "s")
+        with pytest.raises(RequestFailed, match=STALLED):
             await stream.final()
-        ok = await ae.think([{"role": "user", "content": "y"}], {"strategy": "greedy", "max_tokens": 3}, "g")
+        ok = await start_think(ae, [{"role": "user", "content": "y"}], {"strategy": "greedy", "max_tokens": 3}, "g")
         result = await ok.final()
         await ae.shutdown()
         return result
