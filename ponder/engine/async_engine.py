@@ -1,10 +1,10 @@
 """AsyncEngine: one background thread drives LLMEngine.step(); each request gets its own stream.
 
 The LLMEngine is not thread-safe, so only the engine thread touches it. The event loop sends it
-commands (add, abort, stop) through a thread-safe queue, applied between steps. Results go back to
-the loop in one `call_soon_threadsafe` per step, whatever the number of requests. A stream keeps
-only the newest output of each of its engine requests: outputs are cumulative, so a slow reader
-skips intermediate states instead of queueing them. With no work the thread blocks on the queue.
+commands (add, start a program, abort, stop; engine/commands.py) through a thread-safe queue,
+applied between steps. Results go back to the loop in one `call_soon_threadsafe` per step,
+whatever the number of requests, into each caller's stream (engine/streams.py). With no work the
+thread blocks on the queue; it is the engine's own thread (engine/engine_thread.py) when given.
 
 Programs (`start_program`, ponder/engine/programs.py — a think strategy is one) run on the same
 thread: after every engine step each live program advances (forks, scores, prunes, ...), and its
@@ -24,179 +24,22 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import Callable
 
+from ponder.engine.commands import (Abort, Add, Delivery, LiveProgram, Settlement, Start, Stop, Tracked,
+                                    settle)
 from ponder.engine.engine import LLMEngine
-from ponder.engine.programs import Program, ProgramFactory, ProgramResult, advance_programs
+from ponder.engine.engine_thread import EngineThread, LoopOnEngineThread
+from ponder.engine.programs import ProgramFactory, advance_programs
+from ponder.engine.streams import (EngineDeadError, EngineUnavailable, ProgramStream, ProgramUpdate, RequestAborted,
+                                   RequestFailed, RequestStream)
 from ponder.outputs import RequestOutput
 from ponder.sampling_params import SamplingParams
 
 logger = logging.getLogger("ponder.engine")
 
 SHUTDOWN_REASON = "the server is shutting down"
-
-
-class EngineUnavailable(Exception):
-    """The engine cannot take a request now: overloaded (retry later) or shutting down."""
-
-    def __init__(self, message: str, retry_after: int | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop failed; no request can be served any more."""
-
-
-class RequestAborted(Exception):
-    """The request was aborted before it finished (for example, the server is shutting down)."""
-
-
-class RequestFailed(Exception):
-    """The engine ended the request with an error of its own (the message says which)."""
-
-
-class RequestStream:
-    """The outputs of one caller's engine requests (one per prompt), newest only."""
-
-    def __init__(self, request_ids: list[str]):
-        self.request_ids = request_ids
-        self.done = False              # every request finished, failed or was aborted
-        self._latest: dict[str, RequestOutput] = {}
-        self._error: BaseException | None = None
-        self._changed = asyncio.Event()
-
-    def _receive(self, item: RequestOutput | BaseException) -> None:
-        if isinstance(item, BaseException):
-            self._error = item
-        else:
-            self._latest[item.request_id] = item
-        self._changed.set()
-
-    async def updates(self) -> AsyncIterator[list[RequestOutput | None]]:
-        """Yield the newest output of each request (in prompt order; None before its first) each
-        time one progresses, until all have finished. Raises RequestFailed, RequestAborted or
-        EngineDeadError if the requests end otherwise."""
-        while not self.done:
-            await self._changed.wait()
-            self._changed.clear()
-            if self._error is not None:
-                self.done = True
-                raise self._error
-            outs = [self._latest.get(rid) for rid in self.request_ids]
-            failed = next((o for o in outs if o is not None and o.error), None)
-            if failed is not None:
-                self.done = True
-                raise RequestFailed(failed.error)
-            self.done = all(o is not None and o.finished for o in outs)
-            yield outs
-
-
-@dataclass
-class ProgramUpdate:
-    """What one program did since the last update: progress events, and its result at the end."""
-
-    events: list[dict]
-    result: ProgramResult | None = None
-
-
-class ProgramStream:
-    """Progress events and the result of one program (see `AsyncEngine.start_program`)."""
-
-    def __init__(self, request_id: str):
-        self.request_ids = [request_id]
-        self.done = False              # the result came, or the program failed or was aborted
-        self.result: ProgramResult | None = None
-        self._events: list[dict] = []
-        self._result: ProgramResult | None = None
-        self._error: BaseException | None = None
-        self._changed = asyncio.Event()
-
-    def _receive(self, item: ProgramUpdate | BaseException) -> None:
-        if isinstance(item, BaseException):
-            self._error = item
-        else:
-            for event in item.events:      # a slow reader gets the newest snapshot only
-                if _is_progress(event) and self._events and _is_progress(self._events[-1]):
-                    self._events[-1] = event
-                else:
-                    self._events.append(event)
-            if item.result is not None:
-                self._result = item.result
-        self._changed.set()
-
-    async def updates(self) -> AsyncIterator[list[dict]]:
-        """Yield the progress events that came since the last yield, until the program ends; then
-        `result` is set. Raises RequestFailed (the program or the engine failed this request),
-        RequestAborted or EngineDeadError if it ends otherwise."""
-        while not self.done:
-            await self._changed.wait()
-            self._changed.clear()
-            events, self._events = self._events, []
-            if events:
-                yield events
-            if self._error is not None:
-                self.done = True
-                raise self._error
-            if self._result is not None:
-                self.done = True
-                if self._result.error == "aborted":
-                    raise RequestAborted("the request was aborted")
-                if self._result.error is not None:
-                    raise RequestFailed(self._result.error)
-                self.result = self._result
-
-    async def final(self) -> ProgramResult:
-        """Wait for the result (progress events are dropped)."""
-        async for _ in self.updates():
-            pass
-        return self.result
-
-
-def _is_progress(event: dict) -> bool:
-    return event.get("event") == "progress"
-
-
-class EngineThread:
-    """One long-lived thread that builds the engine and later runs its loop, so that every torch
-    op and native kernel of the engine has the same OpenMP master thread.
-
-    GNU OpenMP keeps a thread team per master thread. If the model loads on the main thread and
-    the loop runs on another, a 2-core machine carries more OpenMP threads than cores, and libgomp
-    then throttles its spin-waits: every parallel region of the loop ran ~1.5x slower, and
-    single-stream decode in the server fell to 20 tok/s against 35 offline (measured here).
-    """
-
-    def __init__(self, name: str = "ponder-engine"):
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-
-    def call(self, fn: Callable, *args, **kwargs):
-        """Run fn on the engine thread and return its result (e.g. build the LLMEngine)."""
-        return self._executor.submit(fn, *args, **kwargs).result()
-
-    def submit(self, fn: Callable) -> Future:
-        return self._executor.submit(fn)
-
-
-class _LoopOnEngineThread:
-    """The start/join/is_alive of a threading.Thread, for the loop run on an EngineThread."""
-
-    def __init__(self, engine_thread: EngineThread, target: Callable[[], None]):
-        self._engine_thread, self._target = engine_thread, target
-        self._future: Future | None = None
-
-    def start(self) -> None:
-        self._future = self._engine_thread.submit(self._target)
-
-    def join(self) -> None:
-        if self._future is not None:
-            futures_wait([self._future])
-
-    def is_alive(self) -> bool:
-        return self._future is not None and not self._future.done()
 
 
 @dataclass
@@ -210,62 +53,6 @@ class StepReport:
     ttfts: list[float] = field(default_factory=list)
     inter_token_latencies: list[float] = field(default_factory=list)
     finished: list[tuple[str, float]] = field(default_factory=list)   # (finish reason, e2e seconds)
-
-
-@dataclass
-class _Add:
-    request_ids: list[str]
-    prompts: list[list[int]]
-    params: SamplingParams
-    stream: RequestStream
-    arrival: float
-    future: asyncio.Future
-
-
-@dataclass
-class _Start:
-    request_id: str
-    factory: ProgramFactory
-    stream: ProgramStream
-    arrival: float
-    future: asyncio.Future
-
-
-@dataclass
-class _Abort:
-    request_ids: list[str] | None    # None: every request
-    reason: str
-
-
-@dataclass
-class _Stop:
-    reason: str
-
-
-@dataclass
-class _Tracked:
-    """Engine-thread view of one engine request: where its outputs go, and its token timing."""
-
-    stream: RequestStream
-    arrival: float
-    last_token: float | None = None
-    num_tokens: int = 0
-
-
-@dataclass
-class _LiveProgram:
-    """Engine-thread view of one program: where its updates go, and when it last reported."""
-
-    program: Program
-    stream: ProgramStream
-    arrival: float
-    progress_key: tuple | None = None    # (alive, finished) of the last progress event sent
-    progress_at: float = 0.0
-    progress_tokens: int = -1
-
-
-Delivery = tuple["RequestStream | ProgramStream", "RequestOutput | ProgramUpdate | BaseException"]
-Settlement = tuple[asyncio.Future, "BaseException | None"]
 
 
 class AsyncEngine:
@@ -288,14 +75,14 @@ class AsyncEngine:
         self._lock = threading.Lock()           # orders "enqueue an add" against "the loop died"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._engine_thread = engine_thread
-        self._thread: threading.Thread | _LoopOnEngineThread | None = None
+        self._thread: threading.Thread | LoopOnEngineThread | None = None
         self._drain_task: asyncio.Task | None = None
         self._accepting = False
         self._num_submitted = 0                 # prompts handed to the thread (event-loop side)
         self.error: BaseException | None = None
         # engine-thread state
-        self._tracked: dict[str, _Tracked] = {}
-        self._programs: dict[str, _LiveProgram] = {}   # live programs by request id
+        self._tracked: dict[str, Tracked] = {}
+        self._programs: dict[str, LiveProgram] = {}   # live programs by request id
         self._num_added = 0                     # prompts the thread has taken (added or refused)
         self._stats = self._snapshot()
 
@@ -309,7 +96,7 @@ class AsyncEngine:
         if self._engine_thread is None:
             self._thread = threading.Thread(target=self._run, name="ponder-engine", daemon=True)
         else:
-            self._thread = _LoopOnEngineThread(self._engine_thread, self._run)
+            self._thread = LoopOnEngineThread(self._engine_thread, self._run)
         self._thread.start()
 
     async def drain(self, timeout: float) -> None:
@@ -320,7 +107,7 @@ class AsyncEngine:
         while self.num_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.num_in_flight:
-            self._commands.put(_Abort(None, SHUTDOWN_REASON))
+            self._commands.put(Abort(None, SHUTDOWN_REASON))
 
     def request_drain(self, timeout: float) -> None:
         """Thread- and signal-safe: schedule `drain(timeout)` on the engine's event loop."""
@@ -336,7 +123,7 @@ class AsyncEngine:
             self._accepting = False
             if self._thread is None:
                 return
-            self._commands.put(_Stop(SHUTDOWN_REASON))
+            self._commands.put(Stop(SHUTDOWN_REASON))
         await asyncio.to_thread(self._thread.join)
         self._thread = None
 
@@ -353,7 +140,7 @@ class AsyncEngine:
             self._admit(len(prompts))
             future = self._loop.create_future()
             self._num_submitted += len(prompts)
-            self._commands.put(_Add(ids, prompts, params, stream, time.monotonic(), future))
+            self._commands.put(Add(ids, prompts, params, stream, time.monotonic(), future))
         try:
             await future
         except asyncio.CancelledError:
@@ -373,7 +160,7 @@ class AsyncEngine:
             self._admit(1)
             future = self._loop.create_future()
             self._num_submitted += 1
-            self._commands.put(_Start(request_id, factory, stream, time.monotonic(), future))
+            self._commands.put(Start(request_id, factory, stream, time.monotonic(), future))
         try:
             await future
         except asyncio.CancelledError:
@@ -383,7 +170,7 @@ class AsyncEngine:
 
     def abort(self, request_ids: list[str], reason: str = "aborted by the client") -> None:
         """Abort requests (non-blocking); unknown or finished ids are ignored."""
-        self._commands.put(_Abort(list(request_ids), reason))
+        self._commands.put(Abort(list(request_ids), reason))
 
     def _admit(self, count: int) -> None:
         if self.error is not None:
@@ -449,11 +236,11 @@ class AsyncEngine:
         deliveries: list[Delivery] = []
         keep_running = True
         for cmd in commands:
-            if isinstance(cmd, _Add):
+            if isinstance(cmd, Add):
                 settlements.append((cmd.future, self._add(cmd)))
-            elif isinstance(cmd, _Start):
+            elif isinstance(cmd, Start):
                 settlements.append((cmd.future, self._start_program(cmd)))
-            elif isinstance(cmd, _Abort):
+            elif isinstance(cmd, Abort):
                 self._abort(cmd.request_ids, RequestAborted(cmd.reason), deliveries)
             else:
                 self._abort(None, RequestAborted(cmd.reason), deliveries)
@@ -462,7 +249,7 @@ class AsyncEngine:
         self._send(settlements, deliveries)
         return keep_running
 
-    def _add(self, cmd: _Add) -> ValueError | None:
+    def _add(self, cmd: Add) -> ValueError | None:
         added = []
         self._num_added += len(cmd.prompts)
         try:
@@ -474,10 +261,10 @@ class AsyncEngine:
                 self.engine.abort_request(rid)
             return e
         for rid in added:
-            self._tracked[rid] = _Tracked(cmd.stream, cmd.arrival)
+            self._tracked[rid] = Tracked(cmd.stream, cmd.arrival)
         return None
 
-    def _start_program(self, cmd: _Start) -> Exception | None:
+    def _start_program(self, cmd: Start) -> Exception | None:
         self._num_added += 1
         try:
             program = cmd.factory(self.engine)
@@ -487,7 +274,7 @@ class AsyncEngine:
             logger.exception("request %s failed to start", cmd.request_id)
             self.engine.abort_request(cmd.request_id)      # (the program frees its sequences itself)
             return RequestFailed(f"the request failed to start: {type(e).__name__}: {e}")
-        self._programs[cmd.request_id] = _LiveProgram(program, cmd.stream, cmd.arrival)
+        self._programs[cmd.request_id] = LiveProgram(program, cmd.stream, cmd.arrival)
         return None
 
     def _abort(self, request_ids: list[str] | None, error: RequestAborted, deliveries: list[Delivery]) -> None:
@@ -549,7 +336,7 @@ class AsyncEngine:
             if events or done:
                 deliveries.append((live.stream, ProgramUpdate(events, live.program.result if done else None)))
 
-    def _progress(self, live: _LiveProgram, now: float) -> dict | None:
+    def _progress(self, live: LiveProgram, now: float) -> dict | None:
         """A progress snapshot when branches started or finished, else at most every progress_interval."""
         progress = live.program.progress()
         key = (progress["branches_alive"], progress["branches_finished"])
@@ -560,7 +347,7 @@ class AsyncEngine:
         return progress
 
     @staticmethod
-    def _time_tokens(tracked: _Tracked, out: RequestOutput, now: float, report: StepReport) -> None:
+    def _time_tokens(tracked: Tracked, out: RequestOutput, now: float, report: StepReport) -> None:
         num_tokens = sum(len(c.token_ids) for c in out.outputs)
         if num_tokens <= tracked.num_tokens:
             return
@@ -576,14 +363,14 @@ class AsyncEngine:
 
     def _send(self, settlements: list[Settlement], deliveries: list[Delivery]) -> None:
         if settlements or deliveries:
-            self._loop.call_soon_threadsafe(_settle, settlements, deliveries)
+            self._loop.call_soon_threadsafe(settle, settlements, deliveries)
 
     def _die(self, exc: Exception) -> None:
         error = EngineDeadError(f"the engine has failed: {exc!r}")
         with self._lock:
             self.error = exc
             pending = self._take_commands(block=False)
-        settlements = [(cmd.future, error) for cmd in pending if isinstance(cmd, (_Add, _Start))]
+        settlements = [(cmd.future, error) for cmd in pending if isinstance(cmd, (Add, Start))]
         deliveries = [(t.stream, error) for t in self._tracked.values()]
         self._tracked.clear()
         for live in self._programs.values():
@@ -594,16 +381,3 @@ class AsyncEngine:
                 logger.exception("could not free the branches of request %s", live.program.request_id)
         self._programs.clear()
         self._send(settlements, deliveries)
-
-
-def _settle(settlements: list[Settlement], deliveries: list[Delivery]) -> None:
-    """On the event loop: resolve add futures and hand outputs to their streams."""
-    for future, error in settlements:
-        if future.done():             # the caller went away meanwhile
-            continue
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
-    for stream, item in deliveries:
-        stream._receive(item)

@@ -11,7 +11,6 @@ file (loaded by mmap) with the segment layout in its metadata.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 
 import numpy as np

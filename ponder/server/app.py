@@ -19,8 +19,10 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
-from ponder.engine.async_engine import (AsyncEngine, EngineDeadError, EngineThread, EngineUnavailable,
-                                        ProgramStream, RequestAborted, RequestFailed, RequestStream)
+from ponder.engine.async_engine import AsyncEngine
+from ponder.engine.engine_thread import EngineThread
+from ponder.engine.streams import (EngineDeadError, EngineUnavailable, ProgramStream, RequestAborted, RequestFailed,
+                                   RequestStream)
 from ponder.engine.engine import LLMEngine
 from ponder.model.loader import DEFAULT_MODEL
 from ponder.model.tokenizer import Tokenizer

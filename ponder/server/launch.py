@@ -12,7 +12,7 @@ from types import FrameType
 import uvicorn
 
 from ponder.config import EngineConfig
-from ponder.engine.async_engine import EngineThread
+from ponder.engine.engine_thread import EngineThread
 from ponder.engine.engine import LLMEngine
 from ponder.server.app import ServerConfig, build_app
 

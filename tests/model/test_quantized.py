@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 
-from ponder import SamplingParams
 from ponder.config import EngineConfig
 from ponder.engine.engine import LLMEngine
 from ponder.layers import quant_linear

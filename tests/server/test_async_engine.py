@@ -8,8 +8,8 @@ import os
 import pytest
 
 from ponder import SamplingParams
-from ponder.engine.async_engine import (AsyncEngine, EngineDeadError, EngineUnavailable, RequestAborted,
-                                        StepReport)
+from ponder.engine.async_engine import AsyncEngine, StepReport
+from ponder.engine.streams import EngineDeadError, EngineUnavailable, RequestAborted
 from ponder.llm import LLM
 from tests.server.conftest import make_tiny_engine
 

@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from ponder import SamplingParams
-from ponder.engine.async_engine import (AsyncEngine, EngineDeadError, EngineUnavailable, RequestAborted,
-                                        RequestFailed)
+from ponder.engine.async_engine import AsyncEngine
+from ponder.engine.streams import EngineDeadError, EngineUnavailable, RequestAborted, RequestFailed
 from ponder.engine.programs import STALLED
 from ponder.think.run import ThinkPrompt, think_program
 from ponder.think.strategies import STRATEGIES
