@@ -3,30 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import signal
 import sys
-import typing
 
-
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    """A flag for every EngineConfig field, generated from its definition (type, help, choices), so
-    every engine option is settable from every command. Unset flags leave EngineConfig's default."""
-    from ponder.config import EngineConfig
-
-    types = typing.get_type_hints(EngineConfig)
-    g = p.add_argument_group("engine options")
-    for f in dataclasses.fields(EngineConfig):
-        flag, dest = "--" + _flag(f).replace("_", "-"), _flag(f)
-        kind = next(t for t in (bool, int, float, str) if t is types[f.name] or t in typing.get_args(types[f.name]))
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f.metadata.get("help", "") + (f" (default: {default})" if default is not None else "")
-        if kind is bool:
-            g.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            g.add_argument(flag, dest=dest, type=kind, default=None, choices=f.metadata.get("choices"),
-                           help=help_text)
+from ponder.config import add_engine_arguments, engine_options
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -38,20 +19,6 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-
-
-def engine_options(args) -> dict:
-    """The engine options set on the command line (the model aside), for EngineConfig."""
-    from ponder.config import EngineConfig
-
-    return {f.name: getattr(args, _flag(f)) for f in dataclasses.fields(EngineConfig)
-            if f.name != "model" and getattr(args, _flag(f), None) is not None}
-
-
-def _flag(f: dataclasses.Field) -> str:
-    """The option's name on the command line (and its argparse dest): the field's, unless it says
-    otherwise — `seed` is `--engine-seed`, since `--seed` is a request's."""
-    return (f.metadata.get("flag") or f.name).replace("-", "_")
 
 
 def sampling_params(args):
@@ -132,12 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream a completion of a prompt to stdout")
     gen.add_argument("prompt")
     gen.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user chat message")
-    _engine_args(gen)
+    add_engine_arguments(gen)
     _sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
     chat = sub.add_parser("chat", help="interactive chat with the model")
     chat.add_argument("--system", default=None, help="system message")
-    _engine_args(chat)
+    add_engine_arguments(chat)
     _sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
     srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
@@ -152,14 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     srv.add_argument("--access-log", action="store_true", help="log every request")
-    _engine_args(srv)
+    add_engine_arguments(srv)
     srv.set_defaults(func=cmd_serve)
     from ponder.bench.cli import add_parser as add_bench_parser
 
     add_bench_parser(sub).set_defaults(func=cmd_bench)
     from ponder.think.cli import add_parser as add_think_parser
 
-    add_think_parser(sub, _engine_args).set_defaults(func=cmd_think)
+    add_think_parser(sub).set_defaults(func=cmd_think)
     return parser
 
 

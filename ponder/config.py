@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 
 
@@ -82,3 +84,33 @@ def _positive(obj, *names: str) -> None:
         value = getattr(obj, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+# -- the command line: every field above as a flag ------------------------------------------------
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """A flag for every EngineConfig field, generated from its definition (type, help, choices), so
+    every engine option is settable from every command. Unset flags leave EngineConfig's default."""
+    types = typing.get_type_hints(EngineConfig)
+    g = p.add_argument_group("engine options")
+    for f in dataclasses.fields(EngineConfig):
+        flag, dest = "--" + _flag(f).replace("_", "-"), _flag(f)
+        kind = next(t for t in (bool, int, float, str) if t is types[f.name] or t in typing.get_args(types[f.name]))
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f.metadata.get("help", "") + (f" (default: {default})" if default is not None else "")
+        if kind is bool:
+            g.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            g.add_argument(flag, dest=dest, type=kind, default=None, choices=f.metadata.get("choices"),
+                           help=help_text)
+
+
+def engine_options(args) -> dict:
+    """The engine options set on the command line (the model aside), for EngineConfig."""
+    return {f.name: getattr(args, _flag(f)) for f in dataclasses.fields(EngineConfig)
+            if f.name != "model" and getattr(args, _flag(f), None) is not None}
+
+
+def _flag(f: dataclasses.Field) -> str:
+    """The option's name on the command line (and its argparse dest): the field's, unless it says
+    otherwise — `seed` is `--engine-seed`, since `--seed` is a request's."""
+    return (f.metadata.get("flag") or f.name).replace("-", "_")

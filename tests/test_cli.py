@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from ponder.cli import build_parser, engine_options
-from ponder.config import EngineConfig
+from ponder.cli import build_parser
+from ponder.config import EngineConfig, engine_options
 
 # Every command that builds an engine (`bench serve` drives servers over HTTP: --ponder-args).
 COMMANDS = [["generate", "hi"], ["chat"], ["serve"], ["think", "q"], ["bench", "throughput"],

@@ -58,13 +58,13 @@ def _output_args(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add `bench` and its commands to the `ponder` command's subparsers."""
-    from ponder.cli import _engine_args
+    from ponder.config import add_engine_arguments
 
     bench = sub.add_parser("bench", help="benchmarks: offline, online, single stream, roofline, tuning, cost model")
     cmds = bench.add_subparsers(dest="bench_command", required=True)
 
     tp = cmds.add_parser("throughput", help="offline throughput, in-process, with peers side by side")
-    _engine_args(tp)
+    add_engine_arguments(tp)
     _workload_args(tp, "offline-64", 64, "64:256", 128)
     tp.add_argument("--peer", action="append", default=[], choices=OFFLINE_PEERS,
                     help="also run a peer on the same GGUF (repeatable): hf, llama.cpp")
@@ -88,7 +88,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     ss = cmds.add_parser("single-stream", help="llama-bench-like pp/tg tok/s at batch 1, greedy, "
                                                "prefix cache off; --peer llama.cpp runs llama-bench")
-    _engine_args(ss)
+    add_engine_arguments(ss)
     ss.set_defaults(max_num_seqs=1)
     ss.add_argument("--pp", type=int, default=512, help="prompt tokens of the pp test (0: skip it)")
     ss.add_argument("--tg", type=int, default=128, help="generated tokens of the tg test (0: skip it)")
@@ -108,7 +108,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     rf.set_defaults(bench_func=cmd_roofline)
 
     tu = cmds.add_parser("tune", help="search max_num_batched_tokens x max_num_seqs for a workload")
-    _engine_args(tu)
+    add_engine_arguments(tu)
     _workload_args(tu, "offline-64", 64, "64:256", 128)
     tu.add_argument("--batched-tokens-grid", type=_int_list, default=[256, 512, 1024, 2048])
     tu.add_argument("--num-seqs-grid", type=_int_list, default=[16, 32, 64])
@@ -116,7 +116,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     tu.set_defaults(bench_func=cmd_tune)
 
     cm = cmds.add_parser("costmodel", help="fit runtime = a + b*prompt_tokens + c*output_tokens from a sweep")
-    _engine_args(cm)
+    add_engine_arguments(cm)
     cm.add_argument("--num-requests", type=int, default=16)
     cm.add_argument("--input-lens", type=_int_list, default=[32, 128, 256])
     cm.add_argument("--output-lens", type=_int_list, default=[16, 64])
@@ -179,7 +179,7 @@ def _finish(args, command: str, runs, show_tables: bool = True, **extra) -> None
 
 def cmd_throughput(args) -> int:
     from ponder.bench import offline
-    from ponder.cli import engine_options
+    from ponder.config import engine_options
     from ponder.model.loader import load_model, resolve_model_path
 
     cache_dir, slos = _cache_dir(), _slos(args)
@@ -259,7 +259,7 @@ def cmd_serve(args) -> int:
 
 def cmd_single_stream(args) -> int:
     from ponder.bench import peers, report, single_stream
-    from ponder.cli import engine_options
+    from ponder.config import engine_options
     from ponder.config import EngineConfig
     from ponder.engine.engine import LLMEngine
     from ponder.model.loader import resolve_model_path
@@ -342,7 +342,7 @@ def cmd_roofline(args) -> int:
 
 def cmd_tune(args) -> int:
     from ponder.bench import offline
-    from ponder.cli import engine_options
+    from ponder.config import engine_options
     from ponder.model.loader import load_model
 
     slos = _slos(args)
@@ -372,7 +372,7 @@ def cmd_costmodel(args) -> int:
     from ponder.bench import offline
     from ponder.bench.costmodel import fit_cost_model
     from ponder.bench.workloads import random_tokens
-    from ponder.cli import engine_options
+    from ponder.config import engine_options
     from ponder.model.loader import load_model
 
     loaded = load_model(args.model, _cache_dir())

@@ -18,48 +18,10 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf.constants import GGML_QUANT_SIZES
 
-ROWS_PER_GROUP = 8
-BLOCK = 32
+from ponder.layers.quant_linear import BLOCK, KERNEL_FORMATS, ROWS_PER_GROUP, KernelFormat
 
-
-@dataclass(frozen=True)
-class KernelFormat:
-    """The kernel's view of a GGUF format (mirrors `FORMATS` in quant_matmul.c)."""
-
-    id: int            # index in the kernel's table
-    bits: int
-    group: int         # 32-blocks per super-block (fp16 D and DM are per super-block)
-    has_scale: bool    # an integer scale S per block (per half block when half_scales)
-    has_min: bool
-    offset: int
-    half_scales: bool = False
-
-    @property
-    def block_bytes(self) -> int:
-        scales = ROWS_PER_GROUP * (2 if self.half_scales else 1) if self.has_scale else 0
-        mins = ROWS_PER_GROUP if self.has_min and self.group > 1 else 0
-        return scales + mins + BLOCK * self.bits
-
-    @property
-    def header_bytes(self) -> int:
-        return 2 * ROWS_PER_GROUP * (2 if self.has_min else 1)
-
-    def group_bytes(self, k: int) -> int:
-        """Bytes of one row group (8 rows) of a matrix with K columns."""
-        return k // (BLOCK * self.group) * (self.header_bytes + self.group * self.block_bytes)
-
-
-FORMATS: dict[QT, KernelFormat] = {
-    QT.Q8_0: KernelFormat(0, 8, 1, False, False, 128),
-    QT.Q4_0: KernelFormat(1, 4, 1, False, False, 8),
-    QT.Q4_1: KernelFormat(2, 4, 1, False, True, 0),
-    QT.Q5_0: KernelFormat(3, 5, 1, False, False, 16),
-    QT.Q5_1: KernelFormat(4, 5, 1, False, True, 0),
-    QT.Q4_K: KernelFormat(5, 4, 8, True, True, 0),
-    QT.Q5_K: KernelFormat(6, 5, 8, True, True, 0),
-    QT.Q6_K: KernelFormat(7, 6, 8, True, False, 32, half_scales=True),
-}
-FORMAT_NAMES = {fmt.id: qt.name for qt, fmt in FORMATS.items()}
+# The kernel's format table lives beside its binding (layers/quant_linear.py); here, by GGUF type.
+FORMATS: dict[QT, KernelFormat] = {QT[name]: fmt for name, fmt in KERNEL_FORMATS.items()}
 
 
 @dataclass

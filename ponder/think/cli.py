@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ponder.config import add_engine_arguments
 from ponder.think.run import ALIASES, DEFAULT_STRATEGY, strategy_name
 from ponder.think.strategies import STRATEGIES
 
@@ -15,7 +16,7 @@ _STRATEGY_FLAGS = {"n": "n", "scorer": "scorer", "width": "width", "vote": "vote
                    "consensus": "consensus", "keep_top": "keep_top", "reference": "reference"}
 
 
-def add_parser(sub, engine_args) -> argparse.ArgumentParser:
+def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("think", help="answer a question with inference-time compute (branches share KV)")
     p.add_argument("question")
     p.add_argument("--strategy", default=DEFAULT_STRATEGY, type=_strategy,
@@ -39,7 +40,7 @@ def add_parser(sub, engine_args) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
-    engine_args(p)
+    add_engine_arguments(p)
     return p
 
 

@@ -143,16 +143,14 @@ class ThinkSession:
         if seq.status is SequenceStatus.PARKED:   # (a fresh root is still queued: nothing to do)
             self.engine.resume(seq)
 
-    def score(self, seqs: Iterable[Sequence], scorer) -> Gen[list[float]]:
+    def score(self, seqs: Iterable[Sequence], scorer: Callable) -> Gen[list[float]]:
         """Scores of `seqs` (higher is better). `scorer(session, seqs)` returns a list, or is a
-        generator (it runs the model: self-evaluation) returning one; a name ("self-eval",
-        "confidence", ...) or a verifier of the text works too (see scorers.make_scorer)."""
-        from ponder.think.scorers import make_scorer    # (scorers build on this module)
-
+        generator (it runs the model: self-evaluation) returning one; strategies build it from a
+        name or a verifier with scorers.make_scorer."""
         seqs = list(seqs)
         if not seqs:
             return []
-        result = make_scorer(scorer)(self, seqs)
+        result = scorer(self, seqs)
         scores = (yield from result) if inspect.isgenerator(result) else list(result)
         if len(scores) != len(seqs):
             raise ValueError(f"scorer returned {len(scores)} scores for {len(seqs)} branches")

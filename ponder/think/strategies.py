@@ -140,6 +140,7 @@ def beam_search(s: ThinkSession, n: int = 8, width: int = 4, scorer="self-eval",
     keep = max(1, n // width)
     root = yield from s.start()
     beams = s.fork(root, n)
+    scorer = make_scorer(scorer)
     completed: list[Candidate] = []
     unfinished: list[Candidate] = []
     for it in range(_positive(max_steps, "max_steps")):
@@ -178,6 +179,7 @@ def particle_filtering(s: ThinkSession, n: int = 8, scorer="self-eval", delimite
     root = yield from s.start()
     particles = s.fork(root, _positive(n, "n"))
     log_weights = [0.0] * n
+    scorer = make_scorer(scorer)
     for it in range(_positive(max_steps, "max_steps")):
         live = [i for i, p in enumerate(particles) if not s.is_complete(p)]
         if not live:
@@ -224,7 +226,7 @@ def _sample(s: ThinkSession, n: int) -> Gen[list[Sequence]]:
 
 
 def _candidates(s: ThinkSession, branches, scorer, extract) -> Gen[list[Candidate]]:
-    scores = (yield from s.score(branches, scorer)) if scorer is not None else [None] * len(branches)
+    scores = (yield from s.score(branches, make_scorer(scorer))) if scorer is not None else [None] * len(branches)
     return [s.candidate(b, score, extract) for b, score in zip(branches, scores)]
 
 
