@@ -9,6 +9,15 @@ import math
 from dataclasses import dataclass, field
 
 
+class InvalidOption(ValueError):
+    """A value that fails validation; `option` names it (as the caller spelled the option), so a
+    server can point at the request field at fault without reading the message."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -32,69 +41,74 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        _check_int(self.n, "n", low=1)
-        _check_number(self.temperature, "temperature", low=0.0)
-        _check_number(self.top_p, "top_p", low=0.0, high=1.0)
+        check_int(self.n, "n", low=1)
+        check_number(self.temperature, "temperature", low=0.0)
+        check_number(self.top_p, "top_p", low=0.0, high=1.0)
         if self.top_p == 0.0:
-            raise ValueError("top_p must be in (0, 1], got 0")
-        _check_int(self.top_k, "top_k", low=-1)
-        _check_number(self.min_p, "min_p", low=0.0, high=1.0)
-        _check_number(self.presence_penalty, "presence_penalty", low=-2.0, high=2.0)
-        _check_number(self.frequency_penalty, "frequency_penalty", low=-2.0, high=2.0)
-        _check_number(self.repetition_penalty, "repetition_penalty", low=0.0)
+            raise InvalidOption("top_p", "top_p must be in (0, 1], got 0")
+        check_int(self.top_k, "top_k", low=-1)
+        check_number(self.min_p, "min_p", low=0.0, high=1.0)
+        check_number(self.presence_penalty, "presence_penalty", low=-2.0, high=2.0)
+        check_number(self.frequency_penalty, "frequency_penalty", low=-2.0, high=2.0)
+        check_number(self.repetition_penalty, "repetition_penalty", low=0.0)
         if self.repetition_penalty == 0.0:
-            raise ValueError("repetition_penalty must be > 0, got 0")
+            raise InvalidOption("repetition_penalty", "repetition_penalty must be > 0, got 0")
         if self.seed is not None:
-            _check_int(self.seed, "seed")
+            check_int(self.seed, "seed")
         if self.max_tokens is not None:
-            _check_int(self.max_tokens, "max_tokens", low=1)
-        _check_int(self.min_tokens, "min_tokens", low=0)
+            check_int(self.max_tokens, "max_tokens", low=1)
+        check_int(self.min_tokens, "min_tokens", low=0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+            raise InvalidOption("min_tokens", f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         if self.logprobs is not None:
-            _check_int(self.logprobs, "logprobs", low=0, high=20)
+            check_int(self.logprobs, "logprobs", low=0, high=20)
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
-                raise ValueError("logit_bias must be a dict of token id -> bias")
+                raise InvalidOption("logit_bias", "logit_bias must be a dict of token id -> bias")
             bias = {}
             for key, value in self.logit_bias.items():
                 try:
                     token = int(key)
                 except (TypeError, ValueError):
-                    raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
-                _check_number(value, f"logit_bias[{key}]", low=-100.0, high=100.0)
+                    raise InvalidOption("logit_bias", f"logit_bias keys must be token ids, got {key!r}") from None
+                check_number(value, "logit_bias", low=-100.0, high=100.0, shown=f"logit_bias[{key}]")
                 bias[token] = float(value)
             self.logit_bias = bias
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         for s in stops:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop must be a non-empty string or a list of them, got {s!r}")
+                raise InvalidOption("stop", f"stop must be a non-empty string or a list of them, got {s!r}")
         self.stop_strings = tuple(stops)
         if self.stop_token_ids is not None:
             for t in self.stop_token_ids:
-                _check_int(t, "stop_token_ids", low=0)
+                check_int(t, "stop_token_ids", low=0)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
+                raise InvalidOption(name, f"{name} must be a boolean, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
-def _check_int(value, name: str, low: int | None = None, high: int | None = None) -> None:
+def check_int(value, name: str, low: int | None = None, high: int | None = None) -> None:
+    """Raise InvalidOption unless `value` is an integer (not a bool) in [low, high]."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise InvalidOption(name, f"{name} must be an integer, got {value!r}")
     if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
+        raise InvalidOption(name, f"{name} must be >= {low}, got {value}")
     if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value}")
+        raise InvalidOption(name, f"{name} must be <= {high}, got {value}")
 
 
-def _check_number(value, name: str, low: float | None = None, high: float | None = None) -> None:
+def check_number(value, name: str, low: float | None = None, high: float | None = None,
+                 shown: str | None = None) -> None:
+    """Raise InvalidOption unless `value` is a finite number in [low, high] (`shown`: the name
+    the message uses, when it is more precise than the option's)."""
+    shown = shown or name
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise InvalidOption(name, f"{shown} must be a finite number, got {value!r}")
     if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
+        raise InvalidOption(name, f"{shown} must be >= {low}, got {value}")
     if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value}")
+        raise InvalidOption(name, f"{shown} must be <= {high}, got {value}")

@@ -34,7 +34,12 @@ class RequestAborted(Exception):
 
 
 class RequestFailed(Exception):
-    """The engine ended the request with an error of its own (the message says which)."""
+    """The engine ended the request with an error of its own (the message says which; `option`
+    names the option at fault when the error is about one)."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
 
 
 class RequestStream:
@@ -124,7 +129,7 @@ class ProgramStream:
                 if self._result.error == "aborted":
                     raise RequestAborted("the request was aborted")
                 if self._result.error is not None:
-                    raise RequestFailed(self._result.error)
+                    raise RequestFailed(self._result.error, getattr(self._result, "error_option", None))
                 self.result = self._result
 
     async def final(self) -> ProgramResult:

@@ -208,7 +208,7 @@ async def _think(request: Request, body: ChatCompletionRequest) -> Response:
     try:
         stream = await state.engine.start_program(think_program(prompt, options, request_id), request_id)
     except ValueError as e:            # a bad option value, or a prompt the engine refuses
-        raise invalid(str(e), param_of(str(e), options)) from None
+        raise invalid(str(e), param_of(e, options)) from None
     except EngineUnavailable as e:
         state.metrics.rejected("overloaded" if e.retry_after else "unavailable")
         raise _api_error(e) from None
@@ -314,7 +314,7 @@ class ThinkGeneration:
 
     def _error(self, exc: Exception) -> APIError:
         if isinstance(exc, RequestFailed):     # the strategy failed: name the option at fault if it can
-            return invalid(str(exc), param_of(str(exc), self.options))
+            return invalid(str(exc), param_of(exc, self.options))
         return _api_error(exc)
 
     async def complete(self, request: Request) -> dict:

@@ -8,7 +8,6 @@ and how many choices one request may ask for.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -86,7 +85,7 @@ class _GenerationRequest(_Body):
         try:
             params = SamplingParams(max_tokens=max_tokens, **options)
         except ValueError as e:
-            raise invalid(str(e), self._field_named_in(str(e), {"max_tokens": max_tokens_field})) from None
+            raise invalid(str(e), self._field_of(e, {"max_tokens": max_tokens_field})) from None
         _check_token_ids(params.logit_bias or {}, "logit_bias", limits.vocab_size)
         _check_token_ids(params.stop_token_ids or [], "stop_token_ids", limits.vocab_size)
         for ids in prompts:
@@ -112,10 +111,11 @@ class _GenerationRequest(_Body):
                           f"{max_tokens} for the completion). Please reduce the length of the "
                           f"{self.prompt_field} or {field}.", field, "context_length_exceeded")
 
-    def _field_named_in(self, message: str, aliases: dict[str, str | None]) -> str | None:
-        """The request field a SamplingParams error message starts with, as the client named it."""
-        word = re.match(r"[a-z_]+", message)
-        name = aliases.get(word.group(), word.group()) if word else None
+    def _field_of(self, error: ValueError, aliases: dict[str, str | None]) -> str | None:
+        """The request field a SamplingParams error is about (InvalidOption.option), as the client
+        named it."""
+        option = getattr(error, "option", None)
+        name = aliases.get(option, option)
         return name if name in type(self).model_fields else None
 
     def _max_tokens(self) -> tuple[int | None, str | None]:
@@ -210,8 +210,8 @@ class ChatCompletionRequest(_GenerationRequest):
             return None
         return self.top_logprobs or 0
 
-    def _field_named_in(self, message: str, aliases: dict[str, str | None]) -> str | None:
-        return super()._field_named_in(message, {**aliases, "logprobs": "top_logprobs"})
+    def _field_of(self, error: ValueError, aliases: dict[str, str | None]) -> str | None:
+        return super()._field_of(error, {**aliases, "logprobs": "top_logprobs"})
 
 
 def _check_token_ids(ids, field: str, vocab_size: int) -> None:

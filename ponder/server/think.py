@@ -12,7 +12,6 @@ finish chunk carrying the whole result under `ponder`, the usage chunk if asked 
 from __future__ import annotations
 
 import inspect
-import re
 
 from ponder.sampling_params import SamplingParams
 from ponder.server.errors import invalid
@@ -148,8 +147,7 @@ def think_options(body: ChatCompletionRequest, prompt_len: int, limits: EngineLi
     try:
         SamplingParams(**{**SAMPLING_DEFAULTS, **sampling})
     except (ValueError, TypeError) as e:
-        word = re.match(r"[a-z_]+", str(e))
-        raise invalid(str(e), origin.get(word.group()) if word else "ponder") from None
+        raise invalid(str(e), origin.get(getattr(e, "option", None), "ponder")) from None
 
     if "max_tokens" in merged:
         body._check_context(prompt_len, merged["max_tokens"], origin["max_tokens"], limits.max_model_len)
@@ -159,13 +157,11 @@ def think_options(body: ChatCompletionRequest, prompt_len: int, limits: EngineLi
     return {"strategy": name, **merged}
 
 
-def param_of(message: str, options: dict) -> str:
-    """The field a strategy's error is about: the first strategy option the message names
-    ("n must be a positive integer" -> "ponder.n"), else "ponder"."""
-    for word in re.findall(r"[a-z_]+", message):
-        if word in options and word in _OPTIONS:
-            return f"ponder.{word}"
-    return "ponder"
+def param_of(error: Exception, options: dict) -> str:
+    """The field a strategy's error is about: the option it names (InvalidOption.option, or
+    RequestFailed.option for one raised later in the run), as "ponder.<option>"; else "ponder"."""
+    option = getattr(error, "option", None)
+    return f"ponder.{option}" if option in options and option in _OPTIONS else "ponder"
 
 
 # -- rendering ------------------------------------------------------------------------------------------

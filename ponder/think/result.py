@@ -28,6 +28,7 @@ class ThinkResult:
     votes: dict[str, float] | None = None
     metrics: dict = field(default_factory=dict)
     error: str | None = None
+    error_option: str | None = None    # the option the error is about, when one is (for a 400's param)
     num_prompt_tokens: int = 0
 
     def to_dict(self) -> dict:

@@ -79,7 +79,7 @@ class ThinkRun:
             if not self.contain_errors:
                 raise
             self.result = ThinkResult(self.strategy, "", None, [], self.session.usage(),
-                                      error=f"{type(e).__name__}: {e}")
+                                      error=f"{type(e).__name__}: {e}", error_option=getattr(e, "option", None))
         return self.result is not None
 
     def abort(self) -> None:

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ponder.sampling_params import SamplingParams
+from ponder.sampling_params import InvalidOption, SamplingParams
 from ponder.think.confidence import KINDS, trace_confidence
 from ponder.think.primitives import ThinkSession, drive
 
@@ -160,7 +160,7 @@ def make_scorer(spec, **options):
             return ConfidenceScorer("mean", **options)
         if spec.startswith("confidence-") and spec[len("confidence-"):] in KINDS:
             return ConfidenceScorer(spec[len("confidence-"):], **options)
-        raise ValueError(f"unknown scorer {spec!r}; choose one of {', '.join(SCORER_NAMES)}, "
+        raise InvalidOption("scorer", f"unknown scorer {spec!r}; choose one of {', '.join(SCORER_NAMES)}, "
                          f"or pass a scorer object or a verifier function")
     if hasattr(spec, "top_logprobs"):
         return spec

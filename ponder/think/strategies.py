@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from ponder.engine.sequence import Sequence
+from ponder.sampling_params import InvalidOption
 from ponder.think.answers import exact_match, extract_answer
 from ponder.think.confidence import ConfidenceTrace
 from ponder.think.primitives import Gen, ThinkSession
@@ -55,7 +56,7 @@ def self_consistency(s: ThinkSession, n: int = 8, vote: str = "majority", scorer
     """n samples vote on their normalised answers: one vote each ("majority"), or their scores
     ("weighted"; DeepConf's mean confidence unless a scorer is given)."""
     if vote not in ("majority", "weighted"):
-        raise ValueError(f"vote must be 'majority' or 'weighted', got {vote!r}")
+        raise InvalidOption("vote", f"vote must be 'majority' or 'weighted', got {vote!r}")
     scorer = _prepare(s, ConfidenceScorer("mean") if vote == "weighted" and scorer is None else scorer)
     branches = yield from _sample(s, _positive(n, "n"))
     candidates = yield from _candidates(s, branches, scorer, extract)
@@ -68,7 +69,7 @@ def best_of_n(s: ThinkSession, n: int = 8, scorer="self-eval",
     """n samples; the best by `scorer` wins."""
     scorer = _prepare(s, scorer)
     if scorer is None:
-        raise ValueError("best-of-n needs a scorer")
+        raise InvalidOption("scorer", "best-of-n needs a scorer")
     branches = yield from _sample(s, _positive(n, "n"))
     candidates = yield from _candidates(s, branches, scorer, extract)
     chosen = candidates[_best(candidates)]
@@ -92,9 +93,9 @@ def deepconf(s: ThinkSession, n: int = 32, warmup: int = 16, keep_top: float = 0
     _positive(window, "window")
     _positive(warmup, "warmup")
     if n < warmup:
-        raise ValueError(f"n ({n}) must be >= warmup ({warmup})")
+        raise InvalidOption("warmup", f"n ({n}) must be >= warmup ({warmup})")
     if not 0.0 < keep_top <= 1.0:
-        raise ValueError(f"keep_top must be in (0, 1], got {keep_top}")
+        raise InvalidOption("keep_top", f"keep_top must be in (0, 1], got {keep_top}")
     s.require_logprobs(top_logprobs)
     root = yield from s.start()
     warm = s.fork(root, warmup)
@@ -136,7 +137,7 @@ def beam_search(s: ThinkSession, n: int = 8, width: int = 4, scorer="self-eval",
     when all are complete, n have completed, or after max_steps. The best-scored completion wins."""
     scorer = _prepare(s, scorer)
     if scorer is None or _positive(width, "width") > _positive(n, "n"):
-        raise ValueError("beam search needs a scorer and width <= n")
+        raise InvalidOption("scorer" if scorer is None else "width", "beam search needs a scorer and width <= n")
     keep = max(1, n // width)
     root = yield from s.start()
     beams = s.fork(root, n)
@@ -175,7 +176,7 @@ def particle_filtering(s: ThinkSession, n: int = 8, scorer="self-eval", delimite
     forking and pruning. At the end the particle with the highest weight wins."""
     scorer = _prepare(s, scorer)
     if scorer is None:
-        raise ValueError("particle filtering needs a scorer returning rewards in [0, 1]")
+        raise InvalidOption("scorer", "particle filtering needs a scorer returning rewards in [0, 1]")
     root = yield from s.start()
     particles = s.fork(root, _positive(n, "n"))
     log_weights = [0.0] * n
@@ -268,5 +269,5 @@ def _ks(n: int) -> list[int]:
 
 def _positive(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InvalidOption(name, f"{name} must be a positive integer, got {value!r}")
     return value
