@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 
 class InvalidOption(ValueError):
     """A value that fails validation; `option` names it (as the caller spelled the option), so a
-    server can point at the request field at fault without reading the message."""
+    server can point at the request field at fault without reading the message. A check about
+    several options ("n must be >= warmup") names them all, the likeliest culprit first."""
 
-    def __init__(self, option: str, message: str):
+    def __init__(self, option: str | tuple[str, ...], message: str):
         super().__init__(message)
-        self.option = option
+        self.options = (option,) if isinstance(option, str) else tuple(option)
+        self.option = self.options[0]
 
 
 @dataclass

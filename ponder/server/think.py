@@ -158,10 +158,11 @@ def think_options(body: ChatCompletionRequest, prompt_len: int, limits: EngineLi
 
 
 def param_of(error: Exception, options: dict) -> str:
-    """The field a strategy's error is about: the option it names (InvalidOption.option, or
-    RequestFailed.option for one raised later in the run), as "ponder.<option>"; else "ponder"."""
-    option = getattr(error, "option", None)
-    return f"ponder.{option}" if option in options and option in _OPTIONS else "ponder"
+    """The field a strategy's error is about: the first option it names that the request set
+    (InvalidOption.options, or RequestFailed.option for one raised later in the run), as
+    "ponder.<option>"; else "ponder"."""
+    named = getattr(error, "options", None) or (getattr(error, "option", None),)
+    return next((f"ponder.{o}" for o in named if o in options and o in _OPTIONS), "ponder")
 
 
 # -- rendering ------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def deepconf(s: ThinkSession, n: int = 32, warmup: int = 16, keep_top: float = 0
     _positive(window, "window")
     _positive(warmup, "warmup")
     if n < warmup:
-        raise InvalidOption("warmup", f"n ({n}) must be >= warmup ({warmup})")
+        raise InvalidOption(("n", "warmup"), f"n ({n}) must be >= warmup ({warmup})")
     if not 0.0 < keep_top <= 1.0:
         raise InvalidOption("keep_top", f"keep_top must be in (0, 1], got {keep_top}")
     s.require_logprobs(top_logprobs)
@@ -137,7 +137,7 @@ def beam_search(s: ThinkSession, n: int = 8, width: int = 4, scorer="self-eval",
     when all are complete, n have completed, or after max_steps. The best-scored completion wins."""
     scorer = _prepare(s, scorer)
     if scorer is None or _positive(width, "width") > _positive(n, "n"):
-        raise InvalidOption("scorer" if scorer is None else "width", "beam search needs a scorer and width <= n")
+        raise InvalidOption("scorer" if scorer is None else ("width", "n"), "beam search needs a scorer and width <= n")
     keep = max(1, n // width)
     root = yield from s.start()
     beams = s.fork(root, n)
