@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import inspect
 
-from ponder.sampling_params import SamplingParams
+from ponder.sampling_params import InvalidOption, SamplingParams
 from ponder.server.errors import invalid
 from ponder.server.protocol import ChatCompletionRequest, EngineLimits
 from ponder.server.responses import ChatRenderer
 from ponder.think.result import ThinkResult
 from ponder.think.run import (DEFAULT_STRATEGY, SAMPLING_DEFAULTS, chat_completion_response, strategy_name,
                               think_options_from_body)
-from ponder.think.scorers import SCORER_NAMES
+from ponder.think.options import OPTIONS, check_option, options_of
 from ponder.think.strategies import STRATEGIES
-
-MAX_BRANCHES = 1024            # most branches one option (n, warmup) may ask for
 
 # body fields plain sampling has and a think request cannot honour (n: use ponder.n)
 _PLAIN_ONLY = ("stop", "stop_token_ids", "logit_bias", "presence_penalty", "frequency_penalty",
@@ -32,67 +30,9 @@ _PLAIN_ONLY = ("stop", "stop_token_ids", "logit_bias", "presence_penalty", "freq
 
 
 # -- checking the ponder object ---------------------------------------------------------------------
-def _count(value, param: str, high: int | None = None):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise invalid(f"'{param}' must be a positive integer, got {value!r}", param)
-    if high is not None and value > high:
-        raise invalid(f"'{param}' must be <= {high}, got {value}", param)
-    return value
-
-
-def _count_or_null(value, param: str):
-    return None if value is None else _count(value, param)
-
-
-def _top_logprobs(value, param: str):
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20:
-        raise invalid(f"'{param}' must be an integer in [0, 20], got {value!r}", param)
-    return value
-
-
-def _number(value, param: str):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise invalid(f"'{param}' must be a number, got {value!r}", param)
-    return value
-
-
-def _string(value, param: str):
-    if not isinstance(value, str):
-        raise invalid(f"'{param}' must be a string, got {value!r}", param)
-    return value
-
-
-def _scorer(value, param: str):
-    if value is not None and value not in SCORER_NAMES:
-        raise invalid(f"'{param}' must be one of {', '.join(SCORER_NAMES)} (or null), got {value!r}", param)
-    return value
-
-
-def _reference(value, param: str):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
-        raise invalid(f"'{param}' must be the expected answer (a string or a number), got {value!r}", param)
-    return value
-
-
-def _delimiter(value, param: str):
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not items or not all(isinstance(d, str) and d for d in items):
-        raise invalid(f"'{param}' must be a non-empty string or a list of them, got {value!r}", param)
-    return tuple(items)
-
-
-_OPTIONS = {        # strategy options settable over HTTP, and their checks
-    "n": lambda v, p: _count(v, p, MAX_BRANCHES), "warmup": lambda v, p: _count(v, p, MAX_BRANCHES),
-    "width": _count, "max_steps": _count, "window": _count, "step_max_tokens": _count_or_null,
-    "top_logprobs": _top_logprobs, "keep_top": _number, "consensus": _number, "vote": _string,
-    "scorer": _scorer, "reference": _reference, "delimiter": _delimiter,
-}
-
-
 def strategy_options(strategy: str) -> list[str]:
     """The options of a strategy settable over HTTP (its own, then the sampling ones)."""
-    own = [p for p in inspect.signature(STRATEGIES[strategy]).parameters if p != "s" and p in _OPTIONS]
-    return own + list(SAMPLING_DEFAULTS)
+    return options_of(strategy) + list(SAMPLING_DEFAULTS)
 
 
 def think_options(body: ChatCompletionRequest, prompt_len: int, limits: EngineLimits) -> dict:
@@ -124,8 +64,11 @@ def think_options(body: ChatCompletionRequest, prompt_len: int, limits: EngineLi
         param = f"ponder.{key}"
         if key in SAMPLING_DEFAULTS:
             options[key] = value               # SamplingParams checks these below
-        elif key in _OPTIONS and key in signature:
-            options[key] = _OPTIONS[key](value, param)
+        elif key in OPTIONS and key in signature:
+            try:
+                options[key] = check_option(key, value)
+            except InvalidOption as e:
+                raise invalid(f"'{param}'{str(e)[len(e.option):]}", param) from None   # "'ponder.n' must be ..."
         elif key in signature:
             raise invalid(f"'{param}' takes a Python function: it cannot be set over HTTP", param)
         else:
@@ -162,7 +105,7 @@ def param_of(error: Exception, options: dict) -> str:
     (InvalidOption.options, or RequestFailed.option for one raised later in the run), as
     "ponder.<option>"; else "ponder"."""
     named = getattr(error, "options", None) or (getattr(error, "option", None),)
-    return next((f"ponder.{o}" for o in named if o in options and o in _OPTIONS), "ponder")
+    return next((f"ponder.{o}" for o in named if o in options and o in OPTIONS), "ponder")
 
 
 # -- rendering ------------------------------------------------------------------------------------------

@@ -7,13 +7,9 @@ import json
 import sys
 
 from ponder.config import add_engine_arguments
-from ponder.think.run import ALIASES, DEFAULT_STRATEGY, strategy_name
+from ponder.think.options import OPTIONS
+from ponder.think.run import ALIASES, DEFAULT_STRATEGY, SAMPLING_DEFAULTS, strategy_name
 from ponder.think.strategies import STRATEGIES
-
-# strategy options the command line can set: flag dest -> option name
-_STRATEGY_FLAGS = {"n": "n", "scorer": "scorer", "width": "width", "vote": "vote", "max_steps": "max_steps",
-                   "step_max_tokens": "step_max_tokens", "warmup": "warmup", "window": "window",
-                   "consensus": "consensus", "keep_top": "keep_top", "reference": "reference"}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -21,24 +17,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("--strategy", default=DEFAULT_STRATEGY, type=_strategy,
                    help=f"{', '.join(STRATEGIES)} (or {', '.join(ALIASES)}; underscores work too)")
-    p.add_argument("-n", type=int, default=None, help="branches / samples / beams / particles")
-    p.add_argument("--scorer", default=None,
-                   help="self-eval, confidence, confidence-min-window, confidence-tail")
-    p.add_argument("--width", type=int, default=None, help="beam search: beam width M (keep n/M)")
-    p.add_argument("--vote", choices=["majority", "weighted"], default=None)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--step-max-tokens", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=None, help="deepconf: warm-up traces")
-    p.add_argument("--window", type=int, default=None, help="deepconf: tokens per confidence group")
-    p.add_argument("--consensus", type=float, default=None, help="deepconf: vote share that stops all")
-    p.add_argument("--keep-top", type=float, default=None, help="deepconf: 0.9 (high) or 0.1 (low)")
-    p.add_argument("--reference", default=None, help="parallel: the right answer, for pass@k")
+    for option in OPTIONS.values():            # every strategy option a command line can carry
+        if option.kind is not None:
+            flags = ["-n"] if option.name == "n" else ["--" + option.name.replace("_", "-")]
+            p.add_argument(*flags, dest=option.name, type=option.kind, default=None, choices=option.choices,
+                           help=option.help)
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--no-chat-template", action="store_true", help="send the question as a raw prompt")
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=SAMPLING_DEFAULTS["max_tokens"])
+    p.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"])
+    p.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"])
+    p.add_argument("--seed", type=int, default=SAMPLING_DEFAULTS["seed"])
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
     add_engine_arguments(p)
     return p
@@ -52,7 +41,8 @@ def _strategy(text: str) -> str:
 
 
 def think_options(args) -> dict:
-    options = {name: getattr(args, dest) for dest, name in _STRATEGY_FLAGS.items() if getattr(args, dest) is not None}
+    options = {name: getattr(args, name) for name, option in OPTIONS.items()
+               if option.kind is not None and getattr(args, name) is not None}
     options.update(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     return options
 

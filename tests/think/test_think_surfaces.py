@@ -161,3 +161,26 @@ def test_strategy_spellings_resolve_alike():
         assert strategy_name(spelling) == "self-consistency"
         assert build_parser().parse_args(["think", "q", "--strategy", spelling]).strategy == "self-consistency"
     assert strategy_name("self consistency") is None
+
+
+def test_strategy_options_are_declared_once_for_every_surface():
+    """Every option a strategy's signature takes is declared (think/options.py); the CLI offers
+    each declared option that has a command-line type, and checks raise InvalidOption naming it."""
+    import inspect
+
+    from ponder.cli import build_parser
+    from ponder.sampling_params import InvalidOption
+    from ponder.think.cli import think_options
+    from ponder.think.options import OPTIONS, check_option, options_of
+    from ponder.think.strategies import STRATEGIES
+
+    for name, fn in STRATEGIES.items():
+        taken = [p for p in inspect.signature(fn).parameters if p not in ("s", "extract")]
+        assert options_of(name) == taken, f"{name} takes undeclared options"
+    argv = ["think", "q", "-n", "3", "--width", "2", "--keep-top", "0.5", "--vote", "weighted"]
+    assert {"n": 3, "width": 2, "keep_top": 0.5, "vote": "weighted"}.items() <= think_options(
+        build_parser().parse_args(argv)).items()
+    for name in OPTIONS:
+        with pytest.raises(InvalidOption) as bad:
+            check_option(name, object())
+        assert bad.value.option == name
