@@ -12,14 +12,14 @@ finish chunk carrying the whole result under `ponder`, the usage chunk if asked 
 from __future__ import annotations
 
 import inspect
+import time
 
 from ponder.sampling_params import InvalidOption, SamplingParams
 from ponder.server.errors import invalid
 from ponder.server.protocol import ChatCompletionRequest, EngineLimits
 from ponder.server.responses import ChatRenderer
 from ponder.think.result import ThinkResult
-from ponder.think.run import (DEFAULT_STRATEGY, SAMPLING_DEFAULTS, chat_completion_response, strategy_name,
-                              think_options_from_body)
+from ponder.think.run import DEFAULT_STRATEGY, SAMPLING_DEFAULTS, strategy_name
 from ponder.think.options import OPTIONS, check_option, options_of
 from ponder.think.strategies import STRATEGIES
 
@@ -146,3 +146,44 @@ class ThinkRenderer:
         if self.include_usage:
             chunks.append(self.chat.chunk([], True, response["usage"]))
         return chunks
+
+
+# -- OpenAI shapes of think requests and results -----------------------------------------------
+def think_options_from_body(body: dict) -> tuple[str, dict]:
+    """(strategy, options) from an OpenAI chat request with a `"ponder": {"strategy": ...}` field;
+    temperature, top_p, seed and max_tokens of the body apply unless "ponder" sets them."""
+    ponder = body.get("ponder")
+    if not isinstance(ponder, dict):
+        raise ValueError('"ponder" must be an object like {"strategy": "self-consistency", "n": 8}')
+    options = dict(ponder)
+    strategy = options.pop("strategy", DEFAULT_STRATEGY)
+    if not isinstance(strategy, str):
+        raise ValueError('"ponder.strategy" must be a string')
+    for key in ("temperature", "top_p", "top_k", "min_p", "seed"):
+        if body.get(key) is not None:
+            options.setdefault(key, body[key])
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    if max_tokens is not None:
+        options.setdefault("max_tokens", max_tokens)
+    return strategy, options
+
+
+def chat_completion_response(result: ThinkResult, model: str, request_id: str,
+                             created: int | None = None) -> dict:
+    """An OpenAI chat.completion body for a think result; the details ride along under "ponder"."""
+    usage = result.usage
+    completion = usage.get("generated_tokens", 0)
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": created if created is not None else int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer},
+                     "finish_reason": "stop" if result.error is None else "error"}],
+        "usage": {"prompt_tokens": result.num_prompt_tokens, "completion_tokens": completion,
+                  "total_tokens": result.num_prompt_tokens + completion,
+                  "prompt_tokens_details": {"cached_tokens": usage.get("prompt_tokens_cached", 0)}},
+        "ponder": result.to_dict(),
+    }

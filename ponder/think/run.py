@@ -193,28 +193,6 @@ def build_prompt(tokenizer, prompt, chat: bool | None = None) -> ThinkPrompt:
     raise ValueError("a think prompt is a string, a list of chat messages or a list of token ids")
 
 
-# -- the server surface -------------------------------------------------------------------------
-def think_options_from_body(body: dict) -> tuple[str, dict]:
-    """(strategy, options) from an OpenAI chat request with a `"ponder": {"strategy": ...}` field;
-    temperature, top_p, seed and max_tokens of the body apply unless "ponder" sets them."""
-    ponder = body.get("ponder")
-    if not isinstance(ponder, dict):
-        raise ValueError('"ponder" must be an object like {"strategy": "self-consistency", "n": 8}')
-    options = dict(ponder)
-    strategy = options.pop("strategy", DEFAULT_STRATEGY)
-    if not isinstance(strategy, str):
-        raise ValueError('"ponder.strategy" must be a string')
-    for key in ("temperature", "top_p", "top_k", "min_p", "seed"):
-        if body.get(key) is not None:
-            options.setdefault(key, body[key])
-    max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens")
-    if max_tokens is not None:
-        options.setdefault("max_tokens", max_tokens)
-    return strategy, options
-
-
 def start_think_request(engine: LLMEngine, prompt: ThinkPrompt | list[dict], options: dict,
                         request_id: str | None = None) -> ThinkRun:
     """For the server's engine loop: call on the loop thread, between engine steps; then call
@@ -238,22 +216,3 @@ def run_think_request(engine: LLMEngine, messages: list[dict], options: dict) ->
     run = start_think_request(engine, messages, options)
     run_programs(engine, [run])
     return run.result
-
-
-def chat_completion_response(result: ThinkResult, model: str, request_id: str,
-                             created: int | None = None) -> dict:
-    """An OpenAI chat.completion body for a think result; the details ride along under "ponder"."""
-    usage = result.usage
-    completion = usage.get("generated_tokens", 0)
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": created if created is not None else int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer},
-                     "finish_reason": "stop" if result.error is None else "error"}],
-        "usage": {"prompt_tokens": result.num_prompt_tokens, "completion_tokens": completion,
-                  "total_tokens": result.num_prompt_tokens + completion,
-                  "prompt_tokens_details": {"cached_tokens": usage.get("prompt_tokens_cached", 0)}},
-        "ponder": result.to_dict(),
-    }

@@ -7,8 +7,8 @@ import pytest
 from ponder import SamplingParams
 from ponder.cli import build_parser
 from ponder.llm import LLM
-from ponder.think import (chat_completion_response, run_think_request, start_think_request,
-                          think_options_from_body)
+from ponder.server.think import chat_completion_response, think_options_from_body
+from ponder.think import run_think_request, start_think_request
 from ponder.think.cli import think_options
 
 PROMPT = list(range(40, 70))
