@@ -106,7 +106,8 @@ int64_t qmm_group_bytes(int64_t format, int64_t K) {
     return group_bytes(FORMATS[format], K);
 }
 
-int64_t qmm_has_vnni(void) { return HAVE_PAIRS ? 3 : HAVE_VNNI ? 2 : HAVE_AVX2 ? 1 : 0; }
+/* The instruction set this build runs: 3 AVX-512 VNNI (pairs), 2 256-bit VNNI, 1 AVX2, 0 plain C. */
+int64_t qmm_isa(void) { return HAVE_PAIRS ? 3 : HAVE_VNNI ? 2 : HAVE_AVX2 ? 1 : 0; }
 
 /* ---- scalar building blocks (shared by the reference and the dequantizer) ------------------ */
 

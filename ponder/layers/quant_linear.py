@@ -60,11 +60,7 @@ KERNEL_FORMATS: dict[str, KernelFormat] = {   # by GGUF type name
     "Q6_K": KernelFormat(7, 6, 8, True, False, 32, half_scales=True),
 }
 FORMAT_NAMES = {fmt.id: name for name, fmt in KERNEL_FORMATS.items()}
-
-
-
-
-KERNEL_NAMES = {0: "scalar", 1: "avx2", 2: "vnni256", 3: "avx512-vnni"}
+KERNEL_NAMES = {0: "scalar", 1: "avx2", 2: "vnni256", 3: "avx512-vnni"}   # by qmm_isa()
 
 
 class _Segment(ctypes.Structure):
@@ -101,7 +97,7 @@ def library(extra_flags: tuple[str, ...] = ()):
     lib.qdequant_rows.restype = ctypes.c_int
     lib.qmm_group_bytes.argtypes = [I, I]
     lib.qmm_group_bytes.restype = I
-    lib.qmm_has_vnni.restype = I
+    lib.qmm_isa.restype = I
     return lib
 
 
@@ -113,7 +109,7 @@ def kernel_name() -> str:
     """Which integer dot product the kernels use on this CPU: avx512-vnni (512-bit vpdpbusd),
     vnni256 (256-bit), avx2 (vpmaddubsw) or scalar."""
     lib = library()
-    return "none" if lib is None else KERNEL_NAMES[lib.qmm_has_vnni()]
+    return "none" if lib is None else KERNEL_NAMES[lib.qmm_isa()]
 
 
 class QuantLinear(nn.Module):

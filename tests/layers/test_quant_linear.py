@@ -49,10 +49,10 @@ def builds() -> list[tuple[str, object, int]]:
     """(name, library, expected path) for each build this machine can run: native, then every
     narrower instruction set down to plain C."""
     native = quant_linear.library()
-    out = [("native", native, native.qmm_has_vnni())]
-    if native.qmm_has_vnni() == 3:
+    out = [("native", native, native.qmm_isa())]
+    if native.qmm_isa() == 3:
         out.append(("vnni256", quant_linear.library(("-mno-avx512bw",)), 2))
-    if native.qmm_has_vnni() >= 2:
+    if native.qmm_isa() >= 2:
         out.append(("avx2", quant_linear.library(("-mno-avx512f", "-mno-avxvnni")), 1))
     out.append(("plain-c", quant_linear.library(("-mno-avx2",)), 0))
     return out
@@ -77,7 +77,7 @@ def test_every_build_equals_reference(qtype):
     reference = quant_linear.library().qlinear_ref
     torch.manual_seed(0)
     for name, lib, path in builds():
-        assert lib.qmm_has_vnni() == path
+        assert lib.qmm_isa() == path
         for m in ROWS:
             x = torch.randn(m, k) * 3
             want = lin.run(x, reference)
