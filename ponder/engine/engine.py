@@ -11,29 +11,13 @@ import torch
 
 from ponder.config import EngineConfig
 from ponder.engine.detokenizer import append_tokens, init_detokenizer, process_token
-from ponder.engine.kv_cache import BlockPool, KVCacheManager
-from ponder.engine.scheduler import Scheduler, SchedulerOutput
+from ponder.engine.scheduler import SchedulerOutput
 from ponder.engine.sequence import Request, Sequence, SequenceStatus
+from ponder.engine.setup import build_parts
 from ponder.layers.sampler import SamplingBatch, sample
-from ponder.model.loader import LoadedModel, load_model, weight_stats
-from ponder.model.runner import ModelRunner
-from ponder.outputs import CompletionOutput, RequestOutput, Usage
-from ponder.runtime import tune_allocator
+from ponder.model.loader import LoadedModel, weight_stats
+from ponder.outputs import RequestOutput
 from ponder.sampling_params import SamplingParams
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_KV_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-
-
-def resolve_kv_cache_dtype(kv_cache_dtype: str | None, weights: str) -> str:
-    """The KV cache's element type: as configured, else fp32 with fp32 weights (the reference
-    path, whose greedy output matches transformers: asked for, a Hugging Face folder's default, or
-    what runs without native kernels) and fp16 with quantized ones (half the bytes a step reads,
-    twice the blocks for the same memory). `weights`: the mode the model was loaded in."""
-    if kv_cache_dtype is not None:
-        return kv_cache_dtype
-    return "fp32" if weights == "fp32" else "fp16"
-
 
 @dataclass
 class EngineStats:
@@ -48,36 +32,18 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None):
         self.config = config = config or EngineConfig()
-        tune_allocator()
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        dtype = _DTYPES[config.dtype]
-        self.loaded = loaded or load_model(config.model, config.cache_dir, dtype=dtype, weights=config.weights)
-        self.model_config = mc = self.loaded.config
+        parts = build_parts(config, loaded)
+        self.loaded, self.max_model_len, self.kv_cache_dtype = parts.loaded, parts.max_model_len, parts.kv_cache_dtype
+        self.pool, self.kv, self.runner, self.scheduler = parts.pool, parts.kv, parts.runner, parts.scheduler
+        self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        if self.loaded.model.rope.cos.shape[0] < self.max_model_len:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's rotary table")
-        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.loaded.weights)
-        kv_dtype = _KV_DTYPES[self.kv_cache_dtype]
-        num_blocks = config.num_kv_blocks or self._blocks_for_budget(kv_dtype)
-        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.kv = KVCacheManager(self.pool)
-        self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size, kv_dtype, dtype)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.eos_token_ids = list(self.tokenizer.eos_token_ids or mc.eos_token_ids)
-        self.vocab_size = mc.vocab_size
+        self.eos_token_ids = list(self.tokenizer.eos_token_ids or self.model_config.eos_token_ids)
+        self.vocab_size = self.model_config.vocab_size
         self.requests: dict[str, Request] = {}
         self.stats_ = EngineStats()
         self._seed_rng = random.Random(config.seed)
         self._weight_stats = weight_stats(self.loaded)
         self._ids = itertools.count()
-
-    def _blocks_for_budget(self, kv_dtype: torch.dtype) -> int:
-        per_block = ModelRunner.bytes_per_block(self.model_config, self.config.block_size, kv_dtype)
-        budget = int(self.config.kv_cache_memory_gb * (1 << 30)) // per_block
-        useful = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size)
-        return max(1, min(budget, useful))
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
@@ -146,7 +112,7 @@ class LLMEngine:
         self._account_prefix_hits(plan)
         if plan.chunks:
             touched.update(self._run(plan))
-        outputs = [self._output(r) for r in touched]
+        outputs = [r.output() for r in touched]
         for r in touched:
             if r.finished:
                 self.requests.pop(r.request_id, None)
@@ -300,15 +266,6 @@ class LLMEngine:
                 self.scheduler.finish(seq)
 
     # -- outputs and stats -----------------------------------------------------------------
-    def _output(self, request: Request) -> RequestOutput:
-        outs = [CompletionOutput(s.index, s.text, s.output_token_ids, s.finish_reason, s.stop_reason,
-                                 list(s.logprobs) if s.logprobs is not None else None)
-                for s in request.seqs]
-        usage = Usage(len(request.prompt_token_ids), sum(len(o.token_ids) for o in outs),
-                      request.num_cached_tokens)
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs,
-                             request.finished, request.error, usage)
-
     def stats(self) -> dict:
         st = self.stats_
         return {

@@ -14,7 +14,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from ponder.outputs import Logprob
+from ponder.outputs import CompletionOutput, Logprob, RequestOutput, Usage
 from ponder.sampling_params import SamplingParams
 
 
@@ -114,3 +114,12 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.seqs)
+
+    def output(self) -> RequestOutput:
+        """What callers see of the request now: text, tokens and usage of every completion."""
+        outs = [CompletionOutput(s.index, s.text, s.output_token_ids, s.finish_reason, s.stop_reason,
+                                 list(s.logprobs) if s.logprobs is not None else None)
+                for s in self.seqs]
+        usage = Usage(len(self.prompt_token_ids), sum(len(o.token_ids) for o in outs), self.num_cached_tokens)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished,
+                             self.error, usage)

@@ -4,7 +4,7 @@ against the padded SDPA one."""
 import pytest
 import torch
 
-from ponder.engine.engine import resolve_kv_cache_dtype
+from ponder.engine.setup import resolve_kv_cache_dtype
 from ponder.model.runner import ModelRunner
 
 from tests.conftest import tiny_config, tiny_model
