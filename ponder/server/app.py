@@ -176,7 +176,8 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
     stream = await _submit(state, prompts, params, request_id, body.prompt_field)
     generation = Generation(stream, DeltaTracker(params, len(prompts)),
                             renderer_type(request_id, state.model_name, state.texts),
-                            len(prompts) * params.n, body.include_usage, state.engine)
+                            len(prompts) * params.n, body.include_usage, state.engine,
+                            sum(len(p) for p in prompts) if body.continuous_usage else None)
     if body.stream:
         return StreamingResponse(generation.events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -245,6 +246,7 @@ class Generation:
     num_choices: int
     include_usage: bool
     engine: AsyncEngine
+    prompt_tokens: int | None = None   # set: usage in every chunk (continuous_usage_stats)
 
     async def complete(self, request: Request) -> dict:
         """The whole response; the requests are aborted at once if the client disconnects first."""
@@ -259,14 +261,15 @@ class Generation:
         goes away (Starlette cancels this generator when it sees the disconnect)."""
         render = self.renderer
         try:
-            opening = render.opening_chunks(self.num_choices, self.include_usage)
+            opening = render.opening_chunks(self.num_choices, self.include_usage, self._usage([]))
             if opening:
                 yield _events(opening)
             outs: list[RequestOutput] = []
             async for outs in self.stream.updates():
                 deltas = self.tracker.deltas(outs)
                 if deltas:
-                    yield _events([render.chunk([render.choice(d, streaming=True)], self.include_usage)
+                    so_far = self._usage(outs)
+                    yield _events([render.chunk([render.choice(d, streaming=True)], self.include_usage, so_far)
                                    for d in deltas])
             if self.include_usage:
                 yield _events([render.chunk([], True, usage(outs))])
@@ -275,6 +278,13 @@ class Generation:
         finally:
             self._abort_unless_done()
         yield "data: [DONE]\n\n"
+
+    def _usage(self, outs: list[RequestOutput]) -> dict | None:
+        """The usage so far, for every chunk when continuous usage is on (else None)."""
+        if self.prompt_tokens is None:
+            return None
+        return usage(outs) if outs else {"prompt_tokens": self.prompt_tokens, "completion_tokens": 0,
+                                         "total_tokens": self.prompt_tokens}
 
     async def _final_outputs(self) -> list[RequestOutput]:
         outs: list[RequestOutput] = []

@@ -34,6 +34,8 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    # vLLM's: with include_usage, every chunk carries the usage so far (load testers read it)
+    continuous_usage_stats: bool = False
 
 
 class _GenerationRequest(_Body):
@@ -67,6 +69,11 @@ class _GenerationRequest(_Body):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage in every streamed chunk (vLLM's continuous_usage_stats, with include_usage)."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     # -- to the engine ----------------------------------------------------------------------
     def sampling_params(self, prompts: list[list[int]], limits: EngineLimits) -> SamplingParams:

@@ -94,7 +94,7 @@ class Renderer:
             body["usage"] = usage
         return body
 
-    def opening_chunks(self, num_choices: int, include_usage: bool) -> list[dict]:
+    def opening_chunks(self, num_choices: int, include_usage: bool, usage: dict | None = None) -> list[dict]:
         """Chunks sent before any token (the chat role)."""
         return []
 
@@ -135,9 +135,9 @@ class ChatRenderer(Renderer):
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def opening_chunks(self, num_choices: int, include_usage: bool) -> list[dict]:
+    def opening_chunks(self, num_choices: int, include_usage: bool, usage: dict | None = None) -> list[dict]:
         return [self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None}], include_usage) for i in range(num_choices)]
+                             "finish_reason": None}], include_usage, usage) for i in range(num_choices)]
 
     def choice(self, delta: ChoiceDelta, streaming: bool) -> dict:
         body = {"index": delta.index}

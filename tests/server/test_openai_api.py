@@ -161,3 +161,20 @@ def test_usage_of_token_prompt_and_prompt_list(client):
                                     temperature=0, extra_body={"ignore_eos": True}, user="test-user")
     assert sorted(c.index for c in out.choices) == [0, 1]
     assert out.usage.prompt_tokens == 5 and out.usage.completion_tokens == 8
+
+
+def test_continuous_usage_stats_puts_usage_in_every_chunk(client):
+    """vLLM's stream_options.continuous_usage_stats (what guidellm sends): every chunk carries the
+    usage so far, the last one the totals."""
+    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0, stream=True)
+    chunks = list(client.chat.completions.create(
+        **kwargs, stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    assert all(c.usage is not None for c in chunks)
+    completion = [c.usage.completion_tokens for c in chunks]
+    assert completion[0] == 0 and completion == sorted(completion)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert len({c.usage.prompt_tokens for c in chunks}) == 1
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+    # without include_usage it asks for nothing (as in vLLM)
+    plain = list(client.chat.completions.create(**kwargs, stream_options={"continuous_usage_stats": True}))
+    assert all(c.usage is None for c in plain)
