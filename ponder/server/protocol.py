@@ -56,6 +56,11 @@ class _GenerationRequest(_Body):
     logit_bias: dict[str, float] | None = Field(
         None, description="an object mapping token ids to biases in [-100, 100]")
     user: str | None = None
+    # Sent by OpenAI SDKs and clients, harmless here, accepted and ignored: request tags, storing
+    # the completion for the OpenAI dashboard, the serving tier.
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
     # vLLM's extras
     top_k: int | None = None
     min_p: float | None = None
@@ -189,6 +194,7 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    parallel_tool_calls: bool | None = None   # only means something with tools; harmless without
     # ponder's extra: run a think strategy (see ponder/server/think.py)
     ponder: dict | None = Field(None, description='an object like {"strategy": "self-consistency", "n": 8}')
 

@@ -178,3 +178,13 @@ def test_continuous_usage_stats_puts_usage_in_every_chunk(client):
     # without include_usage it asks for nothing (as in vLLM)
     plain = list(client.chat.completions.create(**kwargs, stream_options={"continuous_usage_stats": True}))
     assert all(c.usage is None for c in plain)
+
+
+def test_harmless_client_extras_are_accepted(client):
+    """Fields SDKs and agents send that change nothing here: accepted, not a 400."""
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0,
+                                           metadata={"run": "t1"}, store=False, parallel_tool_calls=False,
+                                           service_tier="auto")
+    assert reply.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError):          # a wrong type is still refused
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, store="yes")
