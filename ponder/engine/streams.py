@@ -42,22 +42,36 @@ class RequestFailed(Exception):
         self.option = option
 
 
-class RequestStream:
-    """The outputs of one caller's engine requests (one per prompt), newest only."""
+class _Stream:
+    """What every stream shares: its request ids, whether it has ended, the error that ended it,
+    and the event its reader waits on. Deliveries arrive through `_receive` on the event loop."""
 
     def __init__(self, request_ids: list[str]):
         self.request_ids = request_ids
-        self.done = False              # every request finished, failed or was aborted
-        self._latest: dict[str, RequestOutput] = {}
+        self.done = False
         self._error: BaseException | None = None
         self._changed = asyncio.Event()
 
-    def _receive(self, item: RequestOutput | BaseException) -> None:
+    def _receive(self, item) -> None:
         if isinstance(item, BaseException):
             self._error = item
         else:
-            self._latest[item.request_id] = item
+            self._take(item)
         self._changed.set()
+
+    def _take(self, item) -> None:
+        raise NotImplementedError
+
+
+class RequestStream(_Stream):
+    """The outputs of one caller's engine requests (one per prompt), newest only."""
+
+    def __init__(self, request_ids: list[str]):
+        super().__init__(request_ids)      # done: every request finished, failed or was aborted
+        self._latest: dict[str, RequestOutput] = {}
+
+    def _take(self, item: RequestOutput) -> None:
+        self._latest[item.request_id] = item
 
     async def updates(self) -> AsyncIterator[list[RequestOutput | None]]:
         """Yield the newest output of each request (in prompt order; None before its first) each
@@ -86,30 +100,23 @@ class ProgramUpdate:
     result: ProgramResult | None = None
 
 
-class ProgramStream:
+class ProgramStream(_Stream):
     """Progress events and the result of one program (see `AsyncEngine.start_program`)."""
 
     def __init__(self, request_id: str):
-        self.request_ids = [request_id]
-        self.done = False              # the result came, or the program failed or was aborted
+        super().__init__([request_id])     # done: the result came, or the program failed or was aborted
         self.result: ProgramResult | None = None
         self._events: list[dict] = []
         self._result: ProgramResult | None = None
-        self._error: BaseException | None = None
-        self._changed = asyncio.Event()
 
-    def _receive(self, item: ProgramUpdate | BaseException) -> None:
-        if isinstance(item, BaseException):
-            self._error = item
-        else:
-            for event in item.events:      # a slow reader gets the newest snapshot only
-                if _is_progress(event) and self._events and _is_progress(self._events[-1]):
-                    self._events[-1] = event
-                else:
-                    self._events.append(event)
-            if item.result is not None:
-                self._result = item.result
-        self._changed.set()
+    def _take(self, item: ProgramUpdate) -> None:
+        for event in item.events:          # a slow reader gets the newest snapshot only
+            if _is_progress(event) and self._events and _is_progress(self._events[-1]):
+                self._events[-1] = event
+            else:
+                self._events.append(event)
+        if item.result is not None:
+            self._result = item.result
 
     async def updates(self) -> AsyncIterator[list[dict]]:
         """Yield the progress events that came since the last yield, until the program ends; then

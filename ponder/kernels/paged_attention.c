@@ -25,8 +25,6 @@
  * read (and converted from fp16) once per group. The head size is a compile-time constant in the
  * hot loops for 64 and 128, so they unroll fully; other sizes up to MAX_DIM take the generic path.
  */
-#pragma GCC optimize("no-fast-math")
-
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>

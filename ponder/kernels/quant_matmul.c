@@ -558,9 +558,13 @@ int qlinear_ref(const float *x, int64_t M, int64_t K, const Segment *segs, int64
     return 0;
 }
 
-/* Rows `rows` of one segment's matrix as float32 (embedding lookup): out [n, K]. */
-int qdequant_rows(int64_t format, const uint8_t *w, int64_t K, const int64_t *rows, int64_t n, float *out) {
+/* Rows `rows` of one segment's matrix (N rows) as float32 (embedding lookup): out [n, K].
+ * Returns 0, -1 for a format or K the kernel does not support, -2 for a row outside [0, N). */
+int qdequant_rows(int64_t format, const uint8_t *w, int64_t N, int64_t K, const int64_t *rows, int64_t n,
+                  float *out) {
     if (format < 0 || format >= NUM_FORMATS || K % (QK * FORMATS[format].group)) return -1;
+    for (int64_t i = 0; i < n; ++i)
+        if (rows[i] < 0 || rows[i] >= N) return -2;
     const Format f = FORMATS[format];
     const int64_t gb = group_bytes(f, K);
 #pragma omp parallel for if (n > 16)

@@ -13,8 +13,6 @@
 #include <math.h>
 #include <stdint.h>
 
-#pragma GCC optimize("no-fast-math")
-
 #define CHUNK 64
 
 static inline uint32_t mix32(uint32_t x) {

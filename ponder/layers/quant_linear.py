@@ -93,7 +93,7 @@ def library(extra_flags: tuple[str, ...] = ()):
     for name in ("qlinear", "qlinear_ref"):
         getattr(lib, name).argtypes = [P, I, I, P, I, P, P, I]
         getattr(lib, name).restype = ctypes.c_int
-    lib.qdequant_rows.argtypes = [I, P, I, P, I, P]
+    lib.qdequant_rows.argtypes = [I, P, I, I, P, I, P]
     lib.qdequant_rows.restype = ctypes.c_int
     lib.qmm_group_bytes.argtypes = [I, I]
     lib.qmm_group_bytes.restype = I
@@ -170,8 +170,11 @@ class QuantEmbedding(nn.Module):
         if m.format is None:
             return m.data.index_select(0, ids)
         ids = ids.contiguous().to(torch.int64)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= m.n):
-            raise IndexError(f"token id out of range [0, {m.n})")
         out = torch.empty(ids.numel(), m.k)
-        library().qdequant_rows(m.format, m.data.data_ptr(), m.k, ids.data_ptr(), ids.numel(), out.data_ptr())
+        status = library().qdequant_rows(m.format, m.data.data_ptr(), m.n, m.k, ids.data_ptr(), ids.numel(),
+                                         out.data_ptr())
+        if status == -2:
+            raise IndexError(f"token id out of range [0, {m.n})")
+        if status != 0:
+            raise ValueError(f"embedding lookup does not support K={m.k} in format {FORMAT_NAMES.get(m.format)}")
         return out

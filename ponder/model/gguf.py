@@ -126,8 +126,9 @@ def gguf_sources(reader, cfg: ModelConfig):
             src = Source(*shape, floats=dequantize(np.asarray(t.data), t.tensor_type, shape))
         else:
             src = Source(*shape, QT(t.tensor_type), np.asarray(t.data).reshape(shape[0], -1))
-        order = _rope_order(torch.arange(shape[0]), name, cfg)
-        matrices[name] = src.permute_rows(order.numpy()) if not torch.equal(order, torch.arange(shape[0])) else src
+        rows = torch.arange(shape[0])
+        order = _rope_order(rows, name, cfg)
+        matrices[name] = src if order is rows else src.permute_rows(order.numpy())
     return matrices, others
 
 

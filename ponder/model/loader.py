@@ -149,7 +149,7 @@ def load_model(model: str | None, cache_dir: str, max_positions: int | None = No
     folder = os.path.isdir(path)
     if mode != "fp32":
         cache = _cached(path, f"quant-{mode}", cache_dir, lambda out: _write_quantized(path, mode, out))
-        cfg = ModelConfig.from_json(open(os.path.join(cache, "config.json")).read())
+        cfg = _cached_config(cache)
         tensors, layout = quantized.load(os.path.join(cache, "quant.safetensors"))
         net = quantized.build(cfg, tensors, layout, max_positions or cfg.max_position_embeddings)
         tokenizer_dir = path if folder else cache
@@ -160,7 +160,7 @@ def load_model(model: str | None, cache_dir: str, max_positions: int | None = No
             tokenizer_dir = path
         else:
             cache = _cached(path, "converted", cache_dir, lambda out: _write_converted(path, out))
-            cfg = ModelConfig.from_json(open(os.path.join(cache, "config.json")).read())
+            cfg = _cached_config(cache)
             weights_fp = load_file(os.path.join(cache, "model.safetensors"))
             tokenizer_dir = cache
         net = build_model(cfg, weights_fp, max_positions or cfg.max_position_embeddings, dtype)
@@ -187,6 +187,10 @@ def weight_stats(loaded: LoadedModel) -> dict:
     else:
         nbytes, kernel = quantized.weight_bytes(loaded.model), f"int8-{quant_linear.kernel_name()}"
     return {"weights": loaded.weights, "weight_bytes": nbytes, "kernel": kernel}
+
+
+def _cached_config(folder: str) -> ModelConfig:
+    return ModelConfig.from_json(open(os.path.join(folder, "config.json")).read())
 
 
 def _hf_config(folder: str) -> ModelConfig:
