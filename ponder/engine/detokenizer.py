@@ -24,8 +24,8 @@ def process_token(seq: Sequence, token: int, tokenizer: Tokenizer, eos_token_ids
                   max_model_len: int) -> None:
     """Append `token` to `seq`, extend its text, and set finish_reason if a stop condition holds.
 
-    In a think step (`seq.step`), a step delimiter or the step's token limit sets
-    `seq.step.stop_reason` instead: the engine then parks the sequence.
+    In a program's step (`seq.control`), a step delimiter or the step's token limit sets
+    `seq.control.stop_reason` instead: the engine then parks the sequence.
     """
     params = seq.params
     seq.token_ids.append(token)
@@ -42,7 +42,7 @@ def process_token(seq: Sequence, token: int, tokenizer: Tokenizer, eos_token_ids
             return
     if (params.max_tokens is not None and n_out >= params.max_tokens) or seq.num_tokens >= max_model_len:
         seq.finish_reason = "length"
-    elif seq.step is not None:
+    elif seq.control is not None:
         _check_step_end(seq, token, old_len)
 
 
@@ -54,7 +54,7 @@ def append_tokens(seq: Sequence, token_ids: list[int], tokenizer: Tokenizer) -> 
 
 def _check_step_end(seq: Sequence, token: int, old_len: int) -> None:
     """The delimiter stays in the text (the text keeps matching the tokens, whose KV stays)."""
-    step = seq.step
+    step = seq.control
     if token in step.stop_token_ids:
         step.stop_reason = token
         return

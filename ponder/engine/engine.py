@@ -11,10 +11,11 @@ import torch
 
 from ponder.config import EngineConfig
 from ponder.engine.detokenizer import append_tokens, init_detokenizer, process_token
+from ponder.engine.probes import ProbeExtension
 from ponder.engine.scheduler import SchedulerOutput
-from ponder.engine.sequence import Request, Sequence, SequenceStatus
+from ponder.engine.sequence import Action, Control, Request, Sequence, SequenceStatus
 from ponder.engine.setup import build_parts
-from ponder.layers.sampler import SamplingBatch, sample
+from ponder.layers.sampler import SamplerExtension, SamplerOutput, SamplingBatch, sample
 from ponder.model.loader import LoadedModel, weight_stats
 from ponder.outputs import RequestOutput
 from ponder.sampling_params import SamplingParams
@@ -44,11 +45,16 @@ class LLMEngine:
         self._seed_rng = random.Random(config.seed)
         self._weight_stats = weight_stats(self.loaded)
         self._ids = itertools.count()
+        self.sampler_extensions: tuple[SamplerExtension, ...] = (ProbeExtension(),)
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
-                    request_id: str | None = None, prompt_token_ids: list[int] | None = None) -> Request:
-        """Queue a request; raises ValueError naming the problem if it cannot be served."""
+                    request_id: str | None = None, prompt_token_ids: list[int] | None = None,
+                    driven: bool = False) -> Request:
+        """Queue a request; raises ValueError naming the problem if it cannot be served.
+
+        `driven`: a program (think) drives its sequences: the prompt is prefilled, all but its last
+        token, and the sequence parks; see `run_step`, `prefill`, `probe`, `fork`, `release`."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
@@ -57,7 +63,8 @@ class LLMEngine:
         self._validate_prompt(ids, params)
         request = Request(request_id, text, ids, params)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
-        seq = Sequence(request, list(ids), len(ids), index=0, seed=seed)
+        seq = Sequence(request, list(ids), len(ids), index=0, seed=seed,
+                       control=Control(Action.PREFILL) if driven else None)
         init_detokenizer(seq)
         request.seqs.append(seq)
         self.requests[request_id] = request
@@ -100,8 +107,23 @@ class LLMEngine:
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run, sample, post-process. Returns outputs of the requests that progressed."""
+        """Schedule, execute, sample, post-process. Returns outputs of the requests that progressed."""
         plan = self.scheduler.schedule()
+        touched = self._settle_unscheduled(plan)
+        if plan.chunks:
+            seqs, logits = self._execute(plan)
+            out = sample(logits, SamplingBatch.build(seqs, self.vocab_size, self.eos_token_ids,
+                                                     self.sampler_extensions))
+            self._post_process(seqs, out)
+            touched.update(ch.seq.request for ch in plan.chunks)
+        outputs = [r.output() for r in touched]
+        for r in touched:
+            if r.finished:
+                self.requests.pop(r.request_id, None)
+        return outputs
+
+    def _settle_unscheduled(self, plan: SchedulerOutput) -> set[Request]:
+        """Fail prompts that can never fit; end sequences that cannot grow; count prefix hits."""
         touched = {seq.request for seq in plan.failed + plan.out_of_blocks}
         for seq in plan.failed:
             self._fail(seq.request, f"prompt of {seq.num_tokens} tokens does not fit in the KV cache")
@@ -110,15 +132,11 @@ class LLMEngine:
         for seq in plan.out_of_blocks:
             seq.finish_reason = "length"
         self._account_prefix_hits(plan)
-        if plan.chunks:
-            touched.update(self._run(plan))
-        outputs = [r.output() for r in touched]
-        for r in touched:
-            if r.finished:
-                self.requests.pop(r.request_id, None)
-        return outputs
+        return touched
 
-    def _run(self, plan: SchedulerOutput) -> set[Request]:
+    def _execute(self, plan: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
+        """Run the model over the scheduled chunks; returns the sequences to sample, one per row of
+        logits (a request with n > 1 forks its prompt's sequence at the first sample)."""
         self.runner.copy_blocks(plan.block_copies)
         chunks, rows = [], []
         for i, ch in enumerate(plan.chunks):
@@ -128,14 +146,18 @@ class LLMEngine:
                 rows.append(i)
         logits = self.runner.execute(chunks, rows)
         self._account(plan)
-        sampled = [plan.chunks[i].seq for i in rows]
-        sampled, logits = self._fork_new_groups(sampled, logits)
-        sampled, logits = self._take_probes(sampled, logits)
-        if not sampled:
-            return {ch.seq.request for ch in plan.chunks}
-        out = sample(logits, SamplingBatch.build(sampled, self.vocab_size, self.eos_token_ids))
+        return self._fork_new_groups([plan.chunks[i].seq for i in rows], logits)
+
+    def _post_process(self, seqs: list[Sequence], out: SamplerOutput) -> None:
+        """Append each row's token (detokenize, check stops) or record its probe; end what is done."""
+        probes = out.extras.get(ProbeExtension.name, {})
         now = time.monotonic()
-        for seq, token, logprob in zip(sampled, out.token_ids, out.logprobs):
+        for row, (seq, token, logprob) in enumerate(zip(seqs, out.token_ids, out.logprobs)):
+            if row in probes:
+                seq.control.probe_logprobs = probes[row]
+                seq.num_computed_tokens -= 1   # nothing sampled: its next run recomputes the last token
+                self.scheduler.park(seq)
+                continue
             if seq.request.first_token_time is None:
                 seq.request.first_token_time = now
             if logprob is not None:
@@ -143,12 +165,11 @@ class LLMEngine:
             process_token(seq, token, self.tokenizer, self.eos_token_ids, self.max_model_len)
             seq.last_sampled_pos = seq.num_tokens - 1
             seq.request.tokens_generated += 1
-            if seq.step is not None and (seq.finish_reason is not None or seq.step.stop_reason is not None):
-                self.scheduler.park(seq)           # a think session frees it when it is done with it
+            self.stats_.generation_tokens += 1
+            if seq.control is not None and (seq.finish_reason is not None or seq.control.stop_reason is not None):
+                self.scheduler.park(seq)   # the program frees it when it is done with it
             elif seq.finish_reason is not None:
                 self.scheduler.finish(seq)
-        self.stats_.generation_tokens += len(sampled)
-        return {ch.seq.request for ch in plan.chunks}
 
     def _account_prefix_hits(self, plan: SchedulerOutput) -> None:
         for seq, hit in plan.prefix_hits:
@@ -202,7 +223,8 @@ class LLMEngine:
                              text=seq.text, prefix_offset=seq.prefix_offset, read_offset=seq.read_offset,
                              logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
                              finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                             last_sampled_pos=seq.last_sampled_pos)
+                             last_sampled_pos=seq.last_sampled_pos,
+                             control=Control(Action.GENERATE) if seq.control is not None else None)
             self.kv.fork(seq, child)
             request.tokens_reused += seq.num_computed_tokens
             request.seqs.append(child)
@@ -213,49 +235,64 @@ class LLMEngine:
             children.append(child)
         return children
 
-    def _take_probes(self, seqs: list[Sequence], logits: torch.Tensor):
-        """Rows of probing sequences (think scorers) record the logprobs they asked for and park.
-
-        Nothing is sampled, so the last token is marked uncomputed again: the sequence's next run
-        recomputes it (one token) to get logits to sample from."""
-        probing = [i for i, s in enumerate(seqs) if s.probe_token_ids is not None]
-        if not probing:
-            return seqs, logits
-        logprobs = torch.log_softmax(logits[probing].float(), dim=-1)
-        for row, i in enumerate(probing):
-            seq = seqs[i]
-            seq.probe_logprobs = logprobs[row, seq.probe_token_ids].tolist()
-            seq.probe_token_ids = None
-            seq.num_computed_tokens -= 1
-            self.scheduler.park(seq)
-        probed = set(probing)
-        keep = [i for i in range(len(seqs)) if i not in probed]
-        return [seqs[i] for i in keep], logits[keep]
-
-    # -- inference-time compute hooks (ponder.think drives these between steps) ----------------
-    def resume(self, seq: Sequence) -> None:
-        """Schedule a parked sequence again; its KV is resident, nothing is recomputed."""
-        if seq.status is not SequenceStatus.PARKED:
-            raise ValueError(f"only a parked sequence can resume (this one is {seq.status.value})")
+    # -- programs drive their sequences between steps through these (ponder.think) -------------
+    def run_step(self, seq: Sequence, stop: tuple[str, ...] = (), max_tokens: int | None = None,
+                 stop_token_ids: tuple[int, ...] = ()) -> None:
+        """Generate on a parked, driven sequence until a delimiter in `stop` (kept in the text),
+        `max_tokens` more tokens or one of the request's own stops; then it parks again."""
+        self._check_parked(seq, "run a step on")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"a step's max_tokens must be >= 1, got {max_tokens}")
+        seq.control = Control(Action.GENERATE, tuple(stop), tuple(stop_token_ids), max_tokens,
+                              start=seq.num_output_tokens, text_start=len(seq.text))
         self.scheduler.resume(seq)
+
+    def prefill(self, seq: Sequence) -> None:
+        """Compute a driven sequence's pending tokens but the last, sampling nothing; then park."""
+        self._set_action(seq, Action.PREFILL)
+
+    def probe(self, seq: Sequence, token_ids: list[int]) -> None:
+        """Compute a driven sequence's pending tokens and record the next-token logprobs of
+        `token_ids` in `seq.control.probe_logprobs`, sampling nothing; then park."""
+        self._set_action(seq, Action.PROBE)
+        seq.control.probe_token_ids, seq.control.probe_logprobs = tuple(token_ids), None
+
+    def _set_action(self, seq: Sequence, action: Action) -> None:
+        if seq.status is SequenceStatus.WAITING and seq.control is not None:
+            seq.control.action = action              # a fresh prompt, still queued: it runs the action
+            return
+        self._check_parked(seq, "run")
+        seq.control.action = action
+        self.scheduler.resume(seq)
+
+    def _check_parked(self, seq: Sequence, what: str) -> None:
+        if seq.control is None:
+            raise ValueError("only a sequence of a driven request takes actions (add_request(driven=True))")
+        if seq.status is not SequenceStatus.PARKED:
+            raise ValueError(f"only a parked sequence can {what} (this one is {seq.status.value})")
 
     def append(self, seq: Sequence, token_ids: list[int]) -> None:
         """Extend a parked sequence by forced tokens; they are computed (prefilled) when it next runs."""
-        if seq.status is not SequenceStatus.PARKED:
-            raise ValueError(f"only a parked sequence can be extended (this one is {seq.status.value})")
+        self._check_parked(seq, "be extended")
         if seq.num_tokens + len(token_ids) >= self.max_model_len:
             raise ValueError(f"appending {len(token_ids)} tokens would exceed the context of "
                              f"{self.max_model_len} tokens")
         append_tokens(seq, list(token_ids), self.tokenizer)
 
-    def release(self, seq: Sequence) -> None:
+    def release(self, seq: Sequence, reason: str = "pruned") -> None:
         """Free `seq`'s blocks now and drop it from its request (think prune)."""
         if seq.finish_reason is None:
-            seq.finish_reason = "pruned"
+            seq.finish_reason = reason
         if not seq.finished:
             self.scheduler.finish(seq)
         if seq in seq.request.seqs:
             seq.request.seqs.remove(seq)
+
+    def close_request(self, request: Request) -> None:
+        """Free every sequence a driven request still holds and retire it."""
+        for seq in list(request.seqs):
+            self.release(seq, "closed")
+        self.requests.pop(request.request_id, None)
 
     def _fail(self, request: Request, message: str) -> None:
         request.error = message

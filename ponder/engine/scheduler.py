@@ -5,8 +5,8 @@ it has not computed yet (one for a decode, a chunk for a prompt), running sequen
 arrival order, then waiting ones, until `max_num_batched_tokens` or `max_num_seqs` is reached.
 When blocks run out, the most recently admitted running sequence is preempted: its blocks are
 freed and it goes back to the front of the queue, to be recomputed (exactly) later.
-A `prefill_only` sequence (think) computes its pending tokens but the last, then parks: its KV can
-be forked before anything is sampled.
+A sequence a program asked to prefill (think) computes its pending tokens but the last, then parks:
+its KV can be forked before anything is sampled.
 """
 
 from __future__ import annotations
@@ -71,10 +71,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if _tokens_wanted(seq) == 0:             # prefill-only and done: keep the KV, stop here
+            if seq.tokens_wanted == 0:             # prefill-only and done: keep the KV, stop here
                 self.park(seq)
                 continue
-            n = min(_tokens_wanted(seq), budget)
+            n = min(seq.tokens_wanted, budget)
             while not self.kv.allocate_slots(seq, n):
                 victim = self.running.pop()
                 if victim is seq and not self.running:
@@ -101,7 +101,7 @@ class Scheduler:
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[j]
             hit = self.kv.match_prefix(seq)          # waiting sequences hold no blocks
-            if _tokens_wanted(seq) == 0:             # prefill-only and all cached
+            if seq.tokens_wanted == 0:             # prefill-only and all cached
                 out.prefix_hits.append((seq, hit))
                 del self.waiting[j]
                 seq.status = SequenceStatus.PARKED
@@ -110,7 +110,7 @@ class Scheduler:
                 self.kv.free(seq)                    # leave its hits cached; look again next step
                 j += 1
                 continue
-            n = min(_tokens_wanted(seq), budget)
+            n = min(seq.tokens_wanted, budget)
             if not self.kv.allocate_slots(seq, n):
                 self.kv.free(seq)                    # the matched blocks stay cached for later
                 if self.running:
@@ -152,7 +152,3 @@ class Scheduler:
         self.running.remove(seq)
         seq.status = SequenceStatus.PARKED
 
-
-def _tokens_wanted(seq: Sequence) -> int:
-    """Tokens `seq` has left to compute; a prefill-only sequence leaves its last one for sampling."""
-    return seq.num_uncomputed - seq.prefill_only

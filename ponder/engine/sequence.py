@@ -3,8 +3,8 @@
 A request holds one or more sequences (n > 1 forks the prompt's sequence once it is prefilled).
 Sequence states: WAITING (queued, or preempted to be recomputed) -> RUNNING -> FINISHED, with
 PARKED for sequences that keep their KV resident but are not scheduled (inference-time compute).
-A sequence driven by a think session (`seq.step` set) parks instead of finishing: the session
-decides when its KV is freed.
+A sequence driven by a program (think: `seq.control` set) runs one action at a time and parks
+after each, instead of finishing: the program decides when its KV is freed.
 """
 
 from __future__ import annotations
@@ -28,19 +28,32 @@ class SequenceStatus(enum.Enum):
 _seq_ids = itertools.count()
 
 
-@dataclass
-class StepLimits:
-    """Where the current think step of a sequence ends; the sequence then parks, KV resident.
+class Action(enum.Enum):
+    """What a program-driven sequence does when it next runs."""
 
-    The request's own stops (EOS, stop strings, max_tokens) still finish the sequence.
+    GENERATE = "generate"   # sample until the step's limits or the request's own stops
+    PREFILL = "prefill"     # compute pending tokens but the last (its logits are the next sample's)
+    PROBE = "probe"         # compute pending tokens, record next-token logprobs, sample nothing
+
+
+@dataclass
+class Control:
+    """A program's hold on a sequence (think). Only the engine's methods change it (`run_step`,
+    `prefill`, `probe`); the sequence parks with its KV resident when the action is done.
+
+    In a GENERATE step the request's own stops (EOS, stop strings, max_tokens) still finish the
+    sequence; the step's limits only end the step.
     """
 
+    action: Action = Action.PREFILL
     stop: tuple[str, ...] = ()              # step delimiters, e.g. ("\n\n",); kept in the text
     stop_token_ids: tuple[int, ...] = ()
     max_tokens: int | None = None           # tokens in this step
     start: int = 0                          # num_output_tokens when the step began
     text_start: int = 0                     # len(text) when the step began
     stop_reason: str | int | None = None    # set when the step ended: the delimiter, token id or "length"
+    probe_token_ids: tuple[int, ...] = ()   # PROBE: the ids whose logprobs are recorded
+    probe_logprobs: list[float] | None = None
 
 
 @dataclass(eq=False)
@@ -62,11 +75,7 @@ class Sequence:
     logprobs: list[Logprob] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    # inference-time compute (ponder.think)
-    step: StepLimits | None = None           # set while a think session drives this sequence
-    prefill_only: bool = False               # compute pending tokens but the last, then park
-    probe_token_ids: list[int] | None = None # at the next sample: record these ids' logprobs, park
-    probe_logprobs: list[float] | None = None
+    control: Control | None = None           # set while a program (think) drives this sequence
     last_sampled_pos: int = -1               # position of the latest sampled token (usage accounting)
 
     @property
@@ -88,6 +97,12 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def tokens_wanted(self) -> int:
+        """Tokens to compute before the next action ends; a prefill leaves its last one for sampling."""
+        holds_last = self.control is not None and self.control.action is Action.PREFILL
+        return self.num_uncomputed - holds_last
 
     @property
     def finished(self) -> bool:

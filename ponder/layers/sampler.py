@@ -1,7 +1,13 @@
 """The sampler, vectorized over the batch.
 
-Order of operations (as in vLLM): logit_bias and min_tokens masks, repetition / frequency /
-presence penalties, then greedy argmax, or temperature -> top-k -> top-p -> min-p -> a draw.
+Order of operations (as in vLLM): logit_bias and min_tokens masks, the extensions' edits (token
+masks), repetition / frequency / presence penalties, then greedy argmax, or temperature -> top-k
+-> top-p -> min-p -> a draw.
+
+Extensions are the one way to give the sampler extra per-row inputs or take extra per-row outputs:
+an extension looks at the step's rows, and if some need it, returns a `RowExtension` that may edit
+their logits (before penalties) and may read the raw distribution and the drawn tokens, returning
+a value per row (`SamplerOutput.extras[name]`).
 
 The draw is an exponential race (argmax of p / E with E ~ Exp(1)), where the noise E for
 (row, token) is a hash of the sequence's seed, the index of the token being generated and the
@@ -11,8 +17,9 @@ preemption, and after a fork (children get seeds of their own).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
+from typing import Protocol
 
 import torch
 
@@ -20,6 +27,23 @@ from ponder import kernels
 from ponder.outputs import Logprob
 
 _MASK32 = 0xFFFFFFFF
+
+
+class RowExtension(Protocol):
+    """One step's extra input/output for some rows (built by a `SamplerExtension`)."""
+
+    name: str
+
+    def edit_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] before penalties; return them edited (or unchanged)."""
+
+    def observe(self, logprobs: torch.Tensor, tokens: torch.Tensor) -> dict[int, object]:
+        """Log-softmax of the raw logits [B, V] and the drawn tokens [B]; return a value per row."""
+
+
+class SamplerExtension(Protocol):
+    def prepare(self, rows: list) -> RowExtension | None:
+        """This step's extension for `rows` (one sequence per row), or None if no row needs it."""
 
 
 @dataclass
@@ -46,9 +70,11 @@ class SamplingBatch:
     logit_bias: list[tuple[int, list[int], list[float]]] | None = None
     banned: list[tuple[int, list[int]]] | None = None   # stop tokens before min_tokens
     logprobs: list[int] | None = None                    # per row: top alternatives wanted, -1 = none
+    extensions: list[RowExtension] = field(default_factory=list)
 
     @classmethod
-    def build(cls, rows: list, vocab_size: int, eos_token_ids: list[int]) -> "SamplingBatch":
+    def build(cls, rows: list, vocab_size: int, eos_token_ids: list[int],
+              extensions: tuple[SamplerExtension, ...] = ()) -> "SamplingBatch":
         """`rows`: one `Sequence` per sampled row."""
         temps, top_k, top_p, min_p, seeds, steps = [], [], [], [], [], []
         freq, pres, rep = [], [], []
@@ -94,6 +120,7 @@ class SamplingBatch:
             logit_bias=bias or None,
             banned=banned or None,
             logprobs=logprobs if any(k >= 0 for k in logprobs) else None,
+            extensions=[e for ext in extensions if (e := ext.prepare(rows)) is not None],
         )
 
 
@@ -101,12 +128,16 @@ class SamplingBatch:
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[Logprob | None]
+    extras: dict[str, dict[int, object]] = field(default_factory=dict)   # extension name -> row -> value
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     logits = logits.float()
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.logprobs is not None else None
+    wants_raw = batch.logprobs is not None or batch.extensions
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_raw else None
     logits = apply_logit_edits(logits, batch)
+    for extension in batch.extensions:
+        logits = extension.edit_logits(logits)
     logits = apply_penalties(logits, batch)
     if batch.all_greedy:
         tokens = logits.argmax(dim=-1)
@@ -115,8 +146,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         probs = sampling_probs(logits, batch)
         drawn = race_argmax(probs, batch.seeds, batch.steps)
         tokens = torch.where(batch.temperature == 0, greedy_tokens, drawn)
-    token_list = tokens.tolist()
-    return SamplerOutput(token_list, gather_logprobs(raw_logprobs, tokens, batch.logprobs))
+    extras = {e.name: e.observe(raw_logprobs, tokens) for e in batch.extensions}
+    return SamplerOutput(tokens.tolist(), gather_logprobs(raw_logprobs, tokens, batch.logprobs), extras)
 
 
 def apply_logit_edits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

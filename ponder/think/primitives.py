@@ -27,7 +27,7 @@ from typing import Callable, Generator, Iterable, TypeVar
 
 from ponder.engine.engine import LLMEngine
 from ponder.engine.programs import run_programs
-from ponder.engine.sequence import Sequence, SequenceStatus, StepLimits
+from ponder.engine.sequence import Sequence, SequenceStatus
 from ponder.sampling_params import SamplingParams
 from ponder.think.answers import extract_answer
 from ponder.think.result import Candidate
@@ -47,10 +47,8 @@ class ThinkSession:
         self.messages = messages
         self.prompt_text = prompt_text if prompt_text is not None else self.tokenizer.decode(prompt_ids)
         params = dataclasses.replace(params or SamplingParams(), n=1)   # our own copy: configure() edits it
-        self.request = engine.add_request(None, params, request_id, prompt_token_ids=prompt_ids)
-        self.root = self.request.seqs[0]
-        self.root.step = StepLimits()          # owned by the session: parks instead of finishing
-        self.root.prefill_only = True
+        self.request = engine.add_request(None, params, request_id, prompt_token_ids=prompt_ids, driven=True)
+        self.root = self.request.seqs[0]       # prefills its prompt, then parks
         seed = params.seed if params.seed is not None else self.root.seed
         self.rng = random.Random(seed)
         self.scorer_calls = 0
@@ -83,22 +81,14 @@ class ThinkSession:
         """Prefill the prompt once (all but its last token, which each branch computes with its
         first sample) and park; returns the root to fork branches from."""
         yield from self.wait([self.root])
-        self.root.prefill_only = False
         return self.root
 
     def launch(self, seqs: Iterable[Sequence], stop: Iterable[str] = (), max_tokens: int | None = None,
                stop_token_ids: Iterable[int] = ()) -> list[Sequence]:
         """Start one step on each live branch without waiting (see `step`); returns those started."""
-        if max_tokens is not None and max_tokens < 1:
-            raise ValueError(f"a step's max_tokens must be >= 1, got {max_tokens}")
-        started = []
-        for seq in seqs:
-            if not self.is_live(seq):
-                continue
-            seq.step = StepLimits(tuple(stop), tuple(stop_token_ids), max_tokens,
-                                  start=seq.num_output_tokens, text_start=len(seq.text))
-            self.engine.resume(seq)
-            started.append(seq)
+        started = [seq for seq in seqs if self.is_live(seq)]
+        for seq in started:
+            self.engine.run_step(seq, tuple(stop), max_tokens, tuple(stop_token_ids))
         return started
 
     def step(self, seqs: Iterable[Sequence], stop: Iterable[str] = ("\n\n",), max_tokens: int | None = None,
@@ -118,11 +108,8 @@ class ThinkSession:
         """Compute appended tokens now (all but the last of each branch), sampling nothing."""
         seqs = list(seqs)
         for seq in seqs:
-            seq.prefill_only = True
-            self._run_again(seq)
+            self.engine.prefill(seq)
         yield from self.wait(seqs)
-        for seq in seqs:
-            seq.prefill_only = False
         return seqs
 
     def probe(self, seqs: Iterable[Sequence], token_ids: list[int]) -> Gen[list[list[float]]]:
@@ -130,18 +117,10 @@ class ThinkSession:
         nothing is sampled and the branches park again."""
         seqs = list(seqs)
         for seq in seqs:
-            seq.probe_token_ids = list(token_ids)
-            self._run_again(seq)
+            self.engine.probe(seq, token_ids)
         yield from self.wait(seqs)
-        results = []
-        for seq in seqs:
-            results.append(seq.probe_logprobs or [-math.inf] * len(token_ids))   # lost to an error
-            seq.probe_logprobs = None
-        return results
-
-    def _run_again(self, seq: Sequence) -> None:
-        if seq.status is SequenceStatus.PARKED:   # (a fresh root is still queued: nothing to do)
-            self.engine.resume(seq)
+        return [seq.control.probe_logprobs or [-math.inf] * len(token_ids)   # lost to an error
+                for seq in seqs]
 
     def score(self, seqs: Iterable[Sequence], scorer: Callable) -> Gen[list[float]]:
         """Scores of `seqs` (higher is better). `scorer(session, seqs)` returns a list, or is a
@@ -162,10 +141,7 @@ class ThinkSession:
         """n new branches sharing every KV block of `seq` (copy-on-write); they start parked."""
         if seq.status is not SequenceStatus.PARKED and not seq.finished:
             raise ValueError(f"fork a parked branch (this one is {seq.status.value}); step() parks branches")
-        children = self.engine.fork(seq, n)
-        for child in children:
-            child.step = StepLimits()
-        return children
+        return self.engine.fork(seq, n)
 
     def append(self, seq: Sequence, text_or_ids: str | list[int]) -> None:
         """Extend a parked branch by forced text or token ids: computed when it next runs
@@ -176,9 +152,7 @@ class ThinkSession:
 
     def prune(self, seq: Sequence, reason: str = "pruned") -> None:
         """Drop a branch and free its KV blocks now."""
-        if seq.finish_reason is None:
-            seq.finish_reason = reason
-        self.engine.release(seq)
+        self.engine.release(seq, reason)
 
     def resample(self, seqs: list[Sequence], log_weights: list[float], k: int) -> tuple[list[Sequence], list[int]]:
         """Draw k branches with replacement, with probabilities softmax(log_weights). A branch drawn
@@ -210,7 +184,7 @@ class ThinkSession:
     @staticmethod
     def step_text(seq: Sequence) -> str:
         """Text of the branch's latest step."""
-        return seq.text[seq.step.text_start:] if seq.step is not None else seq.text
+        return seq.text[seq.control.text_start:] if seq.control is not None else seq.text
 
     def candidate(self, seq: Sequence, score: float | None = None,
                   extract: Callable[[str], str | None] = extract_answer) -> Candidate:
@@ -233,9 +207,7 @@ class ThinkSession:
         if self.closed:
             return
         self.closed = True
-        for seq in list(self.request.seqs):
-            self.prune(seq, "closed")
-        self.engine.requests.pop(self.request.request_id, None)
+        self.engine.close_request(self.request)
 
     def run(self, program: Gen[T]) -> T:
         """Drive one primitive or program to completion right here (offline use)."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ponder.engine.engine import LLMEngine
 from ponder.engine.programs import ProgramFactory, run_programs
+from ponder.engine.sequence import Action
 from ponder.sampling_params import SamplingParams
 from ponder.think.answers import extract_answer
 from ponder.think.primitives import Gen, ThinkSession
@@ -101,7 +102,7 @@ class ThinkRun:
         s = self.session
         alive, finished = 0, []
         for seq in s.request.seqs:
-            if seq is s.root or seq.probe_token_ids is not None or seq.probe_logprobs is not None:
+            if seq is s.root or (seq.control is not None and seq.control.action is Action.PROBE):
                 continue
             if seq.finish_reason is None:
                 alive += 1

@@ -109,10 +109,8 @@ class SelfEvalScorer:
                                        {"role": "user", "content": question}]
             text = (tok.apply_chat_template(conversation) if tok.chat_template
                     else f"{session.prompt_text}{seq.text}\n\n{question}\nAnswer:")
-            judge = ThinkSession(engine, tok.encode(text, add_special_tokens=False),
-                                 SamplingParams(temperature=0.0, max_tokens=1))
-            judge.root.prefill_only = False   # its first sample is the probe
-            judges.append(judge)
+            judges.append(ThinkSession(engine, tok.encode(text, add_special_tokens=False),
+                                       SamplingParams(temperature=0.0, max_tokens=1)))
         try:
             logprobs = drive(engine, [j.probe([j.root], yes_ids + no_ids) for j in judges])
         finally:

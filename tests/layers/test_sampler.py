@@ -156,3 +156,53 @@ def test_native_draw_equals_torch_draw(vocab, scale, filtered):
     steps = torch.randint(0, 10_000, (32,), generator=g)
     expected = (probs / sampler_module.exponential_noise(seeds, steps, vocab)).argmax(dim=-1)
     assert sampler_module.race_argmax(probs, seeds, steps).tolist() == expected.tolist()
+
+
+class _AllowOnly:
+    """A test extension: rows whose seed is in `allowed` may only draw tokens in that set, and every
+    row reports the logprob of token 7 under the raw distribution."""
+
+    name = "allow"
+
+    def __init__(self, allowed: dict[int, list[int]]):
+        self.allowed = allowed
+
+    def prepare(self, rows):
+        masks = {i: self.allowed[s.seed] for i, s in enumerate(rows) if s.seed in self.allowed}
+        return _AllowRows(masks) if masks else None
+
+
+class _AllowRows:
+    name = "allow"
+
+    def __init__(self, masks):
+        self.masks = masks
+
+    def edit_logits(self, logits):
+        out = logits.clone()
+        for row, ids in self.masks.items():
+            keep = torch.full((logits.shape[1],), float("-inf"))
+            keep[ids] = 0.0
+            out[row] += keep
+        return out
+
+    def observe(self, logprobs, tokens):
+        return {row: logprobs[row, 7].item() for row in range(logprobs.shape[0])}
+
+
+def test_extension_edits_its_rows_before_penalties_and_observes_the_raw_distribution():
+    logits = _logits(3, seed=5)
+    rows = _rows([SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=9),
+                  SamplingParams(temperature=0.0, presence_penalty=2.0)],
+                 outputs={2: [11, 12]}, seeds={0: 100, 1: 101, 2: 102})
+    ext = _AllowOnly({100: [3, 4], 102: [11, 12]})
+    batch = SamplingBatch.build(rows, V, eos_token_ids=[0], extensions=(ext,))
+    out = sample(logits, batch)
+    assert out.token_ids[0] == max((3, 4), key=lambda t: logits[0, t].item())
+    assert out.token_ids[1] == sample(logits[1:2], SamplingBatch.build(rows[1:2], V, [0])).token_ids[0]
+    # with penalties on, the mask still holds (both allowed tokens carry the same presence penalty)
+    assert out.token_ids[2] == max((11, 12), key=lambda t: logits[2, t].item())
+    raw = torch.log_softmax(logits, dim=-1)[:, 7].tolist()
+    assert out.extras["allow"] == pytest.approx({0: raw[0], 1: raw[1], 2: raw[2]})
+    # no row needs it: the extension is not part of the step
+    assert SamplingBatch.build(rows[1:2], V, [0], extensions=(ext,)).extensions == []

@@ -28,7 +28,7 @@ def test_forked_greedy_child_continues_like_unforked(make_tiny_engine):
     assert root.status is SequenceStatus.PARKED and root.num_computed_tokens == len(PROMPT) - 1
     [a] = s.fork(root, 1)
     s.run(s.step([a], stop=(), max_tokens=7))            # 37 tokens: a shared partial block
-    assert a.status is SequenceStatus.PARKED and a.step.stop_reason == "length"
+    assert a.status is SequenceStatus.PARKED and a.control.stop_reason == "length"
     [b] = s.fork(a, 1)
     s.run(s.step([a, b], stop=(), max_tokens=10))
     assert a.output_token_ids == ref
@@ -64,7 +64,7 @@ def test_step_stops_at_delimiter_and_keeps_it(make_bigram_engine):
     s = ThinkSession(engine, list(b"Q:"), SamplingParams(temperature=0.0, max_tokens=50))
     [seq] = s.fork(s.run(s.start()), 1)
     s.run(s.step([seq]))
-    assert seq.text == "a\n\n" and seq.step.stop_reason == "\n\n" and s.step_text(seq) == "a\n\n"
+    assert seq.text == "a\n\n" and seq.control.stop_reason == "\n\n" and s.step_text(seq) == "a\n\n"
     s.run(s.step([seq]))                       # the previous delimiter does not end the next step
     assert s.step_text(seq) == "\n" or s.step_text(seq).endswith("\n\n")
     s.close()
