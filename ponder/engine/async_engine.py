@@ -8,7 +8,7 @@ thread blocks on the queue; it is the engine's own thread (engine/engine_thread.
 
 Programs (`start_program`, ponder/engine/programs.py — a think strategy is one) run on the same
 thread: after every engine step each live program advances (forks, scores, prunes, ...), and its
-progress events and, at the end, its result go to a `ProgramStream`. The thread never blocks
+progress events and, at the end, its result go to its `Stream`. The thread never blocks
 while a program is live, even when the scheduler is idle between two of its phases. The async
 engine knows no strategy: it is handed a factory that builds the program on the engine thread.
 
@@ -32,8 +32,8 @@ from ponder.engine.commands import (Abort, Add, Delivery, LiveProgram, Settlemen
 from ponder.engine.engine import LLMEngine
 from ponder.engine.engine_thread import EngineThread, LoopOnEngineThread
 from ponder.engine.programs import ProgramFactory, advance_programs
-from ponder.engine.streams import (EngineDeadError, EngineUnavailable, ProgramStream, ProgramUpdate, RequestAborted,
-                                   RequestFailed, RequestStream)
+from ponder.engine.streams import (EngineDeadError, EngineUnavailable, ProgramUpdate, RequestAborted, RequestFailed,
+                                   Stream)
 from ponder.outputs import RequestOutput
 from ponder.sampling_params import SamplingParams
 
@@ -128,14 +128,14 @@ class AsyncEngine:
         self._thread = None
 
     # -- requests (event loop) ------------------------------------------------------------------
-    async def add(self, prompts: list[list[int]], params: SamplingParams, request_id: str) -> RequestStream:
+    async def add(self, prompts: list[list[int]], params: SamplingParams, request_id: str) -> Stream:
         """Queue one engine request per prompt (ids `{request_id}-{i}`) sharing `params`.
 
         Raises ValueError (a prompt the engine refuses; none of them is queued then),
         EngineUnavailable (overloaded or shutting down) or EngineDeadError.
         """
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
-        stream = RequestStream(ids)
+        stream = Stream(ids)
         with self._lock:
             self._admit(len(prompts))
             future = self._loop.create_future()
@@ -148,14 +148,14 @@ class AsyncEngine:
             raise
         return stream
 
-    async def start_program(self, factory: ProgramFactory, request_id: str) -> ProgramStream:
+    async def start_program(self, factory: ProgramFactory, request_id: str) -> Stream:
         """Start the program `factory(engine)` builds (on the engine thread; for a think request,
         ponder.think.run.think_program). Counts as one request for admission and in flight.
 
         Raises ValueError (the factory refused its description or prompt; nothing runs then),
         RequestFailed (the factory failed otherwise), EngineUnavailable or EngineDeadError.
         """
-        stream = ProgramStream(request_id)
+        stream = Stream([request_id], program=True)
         with self._lock:
             self._admit(1)
             future = self._loop.create_future()

@@ -7,7 +7,7 @@ import asyncio
 from dataclasses import dataclass
 
 from ponder.engine.programs import Program, ProgramFactory
-from ponder.engine.streams import ProgramStream, ProgramUpdate, RequestStream
+from ponder.engine.streams import ProgramUpdate, Stream
 from ponder.outputs import RequestOutput
 from ponder.sampling_params import SamplingParams
 
@@ -17,7 +17,7 @@ class Add:
     request_ids: list[str]
     prompts: list[list[int]]
     params: SamplingParams
-    stream: RequestStream
+    stream: Stream
     arrival: float
     future: asyncio.Future
 
@@ -26,7 +26,7 @@ class Add:
 class Start:
     request_id: str
     factory: ProgramFactory
-    stream: ProgramStream
+    stream: Stream
     arrival: float
     future: asyncio.Future
 
@@ -46,7 +46,7 @@ class Stop:
 class Tracked:
     """Engine-thread view of one engine request: where its outputs go, and its token timing."""
 
-    stream: RequestStream
+    stream: Stream
     arrival: float
     last_token: float | None = None
     num_tokens: int = 0
@@ -57,14 +57,14 @@ class LiveProgram:
     """Engine-thread view of one program: where its updates go, and when it last reported."""
 
     program: Program
-    stream: ProgramStream
+    stream: Stream
     arrival: float
     progress_key: tuple | None = None    # (alive, finished) of the last progress event sent
     progress_at: float = 0.0
     progress_tokens: int = -1
 
 
-Delivery = tuple[RequestStream | ProgramStream, RequestOutput | ProgramUpdate | BaseException]
+Delivery = tuple[Stream, RequestOutput | ProgramUpdate | BaseException]
 Settlement = tuple[asyncio.Future, BaseException | None]
 
 

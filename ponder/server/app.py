@@ -21,8 +21,7 @@ from pydantic import ValidationError
 
 from ponder.engine.async_engine import AsyncEngine
 from ponder.engine.engine_thread import EngineThread
-from ponder.engine.streams import (EngineDeadError, EngineUnavailable, ProgramStream, RequestAborted, RequestFailed,
-                                   RequestStream)
+from ponder.engine.streams import EngineDeadError, EngineUnavailable, RequestAborted, RequestFailed, Stream
 from ponder.engine.engine import LLMEngine
 from ponder.model.loader import DEFAULT_MODEL
 from ponder.model.tokenizer import Tokenizer
@@ -185,7 +184,7 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
 
 
 async def _submit(state: ServerState, prompts: list[list[int]], params: SamplingParams, request_id: str,
-                  prompt_field: str) -> RequestStream:
+                  prompt_field: str) -> Stream:
     try:
         return await state.engine.add(prompts, params, request_id)
     except ValueError as e:            # the engine refused a prompt (empty, bad token ids, too long)
@@ -240,7 +239,7 @@ def _api_error(exc: Exception) -> APIError:
 class Generation:
     """One request's engine stream rendered as OpenAI JSON: whole, or as server-sent events."""
 
-    stream: RequestStream
+    stream: Stream
     tracker: DeltaTracker
     renderer: Renderer
     num_choices: int
@@ -251,7 +250,7 @@ class Generation:
     async def complete(self, request: Request) -> dict:
         """The whole response; the requests are aborted at once if the client disconnects first."""
         try:
-            outs = await _unless_disconnected(self._final_outputs(), request, self._abort_unless_done)
+            outs = await _unless_disconnected(self.stream.final(), request, self._abort_unless_done)
         except (RequestFailed, RequestAborted, EngineDeadError) as e:
             raise _api_error(e) from None
         return self.renderer.response(self.tracker.deltas(outs), usage(outs))
@@ -265,7 +264,8 @@ class Generation:
             if opening:
                 yield _events(opening)
             outs: list[RequestOutput] = []
-            async for outs in self.stream.updates():
+            async for update in self.stream.updates():
+                outs = update.outputs
                 deltas = self.tracker.deltas(outs)
                 if deltas:
                     so_far = self._usage(outs)
@@ -285,12 +285,6 @@ class Generation:
             return None
         return usage(outs) if outs else {"prompt_tokens": self.prompt_tokens, "completion_tokens": 0,
                                          "total_tokens": self.prompt_tokens}
-
-    async def _final_outputs(self) -> list[RequestOutput]:
-        outs: list[RequestOutput] = []
-        async for outs in self.stream.updates():
-            pass
-        return outs
 
     def _abort_unless_done(self) -> None:
         if not self.stream.done:
@@ -317,7 +311,7 @@ async def _unless_disconnected(work, request: Request, abort: Callable[[], None]
 class ThinkGeneration:
     """One think request rendered as OpenAI JSON: whole, or as server-sent events with progress."""
 
-    stream: ProgramStream
+    stream: Stream
     renderer: ThinkRenderer
     engine: AsyncEngine
     options: dict
@@ -342,8 +336,8 @@ class ThinkGeneration:
         render = self.renderer
         try:
             yield _events(render.opening_chunks())
-            async for events in self.stream.updates():
-                yield _events([render.progress_chunk(e) for e in events])
+            async for update in self.stream.updates():
+                yield _events([render.progress_chunk(e) for e in update.events])
             yield _events(render.final_chunks(self.stream.result))
         except (RequestFailed, RequestAborted, EngineDeadError) as e:
             yield _events([self._error(e).body()])

@@ -28,10 +28,7 @@ def run(coro):
 
 
 async def _final(stream):
-    outs = None
-    async for outs in stream.updates():
-        pass
-    return outs
+    return await stream.final()
 
 
 def test_streams_match_offline_and_batch(tiny):

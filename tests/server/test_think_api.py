@@ -44,8 +44,8 @@ def test_async_engine_think_alone_counts_in_flight_and_frees_everything(byte_tok
                                 {"strategy": "self-consistency", "n": 3, "max_tokens": 6}, "t1")
         assert ae.num_in_flight == 1
         events = []
-        async for batch in stream.updates():
-            events += batch
+        async for update in stream.updates():
+            events += update.events
         assert ae.stats["requests_in_flight"] == 0
         with pytest.raises(ValueError, match="unknown strategy"):
             await start_think(ae, [{"role": "user", "content": "hi"}], {"strategy": "nope"}, "t2")
