@@ -8,25 +8,20 @@ import signal
 import sys
 
 from ponder.config import add_engine_arguments, engine_options
+from ponder.sampling_params import add_sampling_arguments, sampling_fields
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    add_sampling_arguments(p)
 
 
-def sampling_params(args):
+def sampling_params(args, llm):
     from ponder import SamplingParams
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, stop=args.stop)
+    return SamplingParams.with_defaults(llm.engine.sampling_defaults, max_tokens=args.max_tokens, stop=args.stop,
+                                        **sampling_fields(args))
 
 
 def cmd_generate(args) -> int:
@@ -34,7 +29,7 @@ def cmd_generate(args) -> int:
 
     llm = LLM(args.model, **engine_options(args))
     prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat_template else args.prompt
-    for delta in llm.stream(prompt, sampling_params(args)):
+    for delta in llm.stream(prompt, sampling_params(args, llm)):
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -56,7 +51,7 @@ def cmd_chat(args) -> int:
             break
         messages.append({"role": "user", "content": user})
         reply = []
-        for delta in llm.stream(llm.chat_prompt(messages), sampling_params(args)):
+        for delta in llm.stream(llm.chat_prompt(messages), sampling_params(args, llm)):
             reply.append(delta)
             sys.stdout.write(delta)
             sys.stdout.flush()

@@ -8,10 +8,10 @@ import os
 import typing
 from dataclasses import dataclass, field
 
-
 WEIGHT_FORMATS = ("native", "q8_0", "q4_0", "fp32")
 KV_CACHE_DTYPES = ("fp16", "fp32")
 DTYPES = ("float32", "bfloat16", "float16")
+SAMPLING_DEFAULT_SOURCES = ("model", "ponder", "none")   # see ponder/sampling_params.py
 
 
 def _option(default, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None):
@@ -48,6 +48,10 @@ class EngineConfig:
                                          choices=KV_CACHE_DTYPES)
     num_threads: int | None = _option(None, "torch and kernel threads (default: torch's)")
     seed: int = _option(0, "the engine's seed, for requests that set none", flag="engine-seed")
+    sampling_defaults: str = _option("model", "sampling for fields a request leaves unset: model (its recommended "
+                                              "sampling over ponder's), ponder (temperature 0.8, top-k 40, top-p "
+                                              "0.95, min-p 0.05), none (temperature 1, no truncation)",
+                                     choices=SAMPLING_DEFAULT_SOURCES)
     cache_dir: str = field(default_factory=lambda: os.environ.get(
         "PONDER_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "ponder")),
         metadata={"help": "where converted weights and built kernels are kept ($PONDER_CACHE_DIR)"})
@@ -64,6 +68,9 @@ class EngineConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.weights is not None and self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
+        if self.sampling_defaults not in SAMPLING_DEFAULT_SOURCES:
+            raise ValueError(f"sampling_defaults must be one of {', '.join(SAMPLING_DEFAULT_SOURCES)}, "
+                             f"got {self.sampling_defaults!r}")
         if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")

@@ -27,6 +27,11 @@ class LLM:
         llm.engine, llm.tokenizer = engine, engine.tokenizer
         return llm
 
+    def default_sampling_params(self) -> SamplingParams:
+        """What generate / chat / stream use when given no SamplingParams: the engine's
+        sampling_defaults (the model's recommended sampling by default), as vLLM's LLM does."""
+        return SamplingParams.with_defaults(self.engine.sampling_defaults)
+
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool | None = None) -> list[RequestOutput]:
@@ -36,7 +41,7 @@ class LLM:
         `.error` set and finish_reason "error"; the other prompts still complete.
         """
         prompts = _as_prompt_list(prompts)
-        params = _as_params_list(sampling_params, len(prompts))
+        params = _as_params_list(sampling_params or self.default_sampling_params(), len(prompts))
         results: dict[str, RequestOutput] = {}
         order = []
         for prompt, p in zip(prompts, params):
@@ -66,7 +71,7 @@ class LLM:
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one completion as it is generated (n must be 1)."""
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.default_sampling_params()
         if params.n != 1:
             raise ValueError("stream() generates one completion; n must be 1")
         request = self.engine.add_request(prompt, params)
@@ -128,8 +133,6 @@ def _as_prompt_list(prompts) -> list[Prompt]:
 
 
 def _as_params_list(params, count: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * count
     if isinstance(params, SamplingParams):
         return [params] * count
     params = list(params)

@@ -5,6 +5,7 @@ Names and meanings follow vLLM's SamplingParams and the OpenAI API.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, field
 
@@ -18,6 +19,21 @@ class InvalidOption(ValueError):
         super().__init__(message)
         self.options = (option,) if isinstance(option, str) else tuple(option)
         self.option = self.options[0]
+
+
+# What a request gets for the sampling fields it leaves unset — the one place these live. The
+# engine's `sampling_defaults` option picks them: "model" (the default) is the model's recommended
+# sampling over ponder's, "ponder" is ponder's alone (llama.cpp's: small models turn temperature 1
+# with no truncation into noise), "none" is SamplingParams' own (temperature 1, nothing truncated:
+# OpenAI's and vLLM's meaning of an unset field).
+PONDER_SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+
+
+def sampling_defaults(source: str, recommended: dict) -> dict:
+    """The sampling fields a request gets unless it sets them; `source`: model, ponder or none."""
+    if source == "none":
+        return {}
+    return {**PONDER_SAMPLING_DEFAULTS, **(recommended if source == "model" else {})}
 
 
 @dataclass
@@ -41,6 +57,12 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
+
+    @classmethod
+    def with_defaults(cls, defaults: dict, **fields) -> "SamplingParams":
+        """Fields given (not None) win over `defaults` (an engine's `sampling_defaults`), which
+        win over the dataclass's own."""
+        return cls(**{**defaults, **{k: v for k, v in fields.items() if v is not None}})
 
     def __post_init__(self) -> None:
         check_int(self.n, "n", low=1)
@@ -114,3 +136,21 @@ def check_number(value, name: str, low: float | None = None, high: float | None 
         raise InvalidOption(name, f"{shown} must be >= {low}, got {value}")
     if high is not None and value > high:
         raise InvalidOption(name, f"{shown} must be <= {high}, got {value}")
+
+
+# -- the command line: the sampling flags of generate, chat and think ---------------------------
+_FLAGS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float,
+          "seed": int}
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags for the sampling fields; unset ones take the engine's sampling_defaults."""
+    g = p.add_argument_group("sampling (unset: the engine's --sampling-defaults)")
+    for name, kind in _FLAGS.items():
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
+                       help="the request's seed (the engine's is --engine-seed)" if name == "seed" else None)
+
+
+def sampling_fields(args) -> dict:
+    """The sampling fields set on the command line."""
+    return {name: getattr(args, name) for name in _FLAGS if getattr(args, name) is not None}

@@ -18,6 +18,7 @@ SETTINGS = {"dtype": ("--dtype", "bfloat16", "bfloat16"), "block_size": ("--bloc
             "max_model_len": ("--max-model-len", "256", 256), "enable_prefix_caching": ("--no-prefix-caching", None, False),
             "weights": ("--weights", "q8_0", "q8_0"), "kv_cache_dtype": ("--kv-cache-dtype", "fp32", "fp32"),
             "num_threads": ("--num-threads", "1", 1), "seed": ("--engine-seed", "7", 7),
+            "sampling_defaults": ("--sampling-defaults", "ponder", "ponder"),
             "cache_dir": ("--cache-dir", "/tmp/x", "/tmp/x")}
 
 

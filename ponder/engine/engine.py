@@ -18,7 +18,7 @@ from ponder.engine.setup import build_parts
 from ponder.layers.sampler import SamplerExtension, SamplerOutput, SamplingBatch, sample
 from ponder.model.loader import LoadedModel, weight_stats
 from ponder.outputs import RequestOutput
-from ponder.sampling_params import SamplingParams
+from ponder.sampling_params import SamplingParams, sampling_defaults
 
 @dataclass
 class EngineStats:
@@ -40,6 +40,8 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_ids = list(self.tokenizer.eos_token_ids or self.model_config.eos_token_ids)
         self.vocab_size = self.model_config.vocab_size
+        # what requests built by LLM, the CLI, the server and think get for unset sampling fields
+        self.sampling_defaults = sampling_defaults(config.sampling_defaults, self.model_config.recommended_sampling)
         self.requests: dict[str, Request] = {}
         self.stats_ = EngineStats()
         self._seed_rng = random.Random(config.seed)

@@ -28,6 +28,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     name: str = ""
+    # the model's recommended sampling (GGUF general.sampling.*, or generation_config.json), as
+    # SamplingParams fields: temperature, top_k, top_p, min_p, repetition_penalty
+    recommended_sampling: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:

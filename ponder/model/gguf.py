@@ -93,7 +93,18 @@ def gguf_config(reader) -> ModelConfig:
         bos_token_id=int(bos) if bos is not None else None,
         eos_token_ids=eos_ids,
         name=str(_field(reader, "general.name", "")),
+        recommended_sampling=_recommended_sampling(reader),
     )
+
+
+# GGUF's general.sampling.* keys (written by convert_hf_to_gguf from generation_config.json)
+_SAMPLING_KEYS = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                  "penalty_repeat": "repetition_penalty"}
+
+
+def _recommended_sampling(reader) -> dict:
+    found = {name: _field(reader, f"general.sampling.{key}") for key, name in _SAMPLING_KEYS.items()}
+    return {name: (int(v) if name == "top_k" else float(v)) for name, v in found.items() if v is not None}
 
 
 def gguf_hf_tensors(reader, cfg: ModelConfig, dtype=torch.float32) -> dict[str, torch.Tensor]:

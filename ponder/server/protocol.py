@@ -8,7 +8,7 @@ and how many choices one request may ask for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import jinja2
@@ -26,6 +26,7 @@ class EngineLimits:
     max_model_len: int
     vocab_size: int
     max_choices: int          # n x prompts in one request (the engine's max_num_seqs)
+    sampling_defaults: dict = field(default_factory=dict)   # for the sampling fields a body leaves unset
 
 
 class _Body(BaseModel):
@@ -95,7 +96,7 @@ class _GenerationRequest(_Body):
                        skip_special_tokens=self.skip_special_tokens, logprobs=self._logprobs())
         options = {k: v for k, v in options.items() if v is not None}
         try:
-            params = SamplingParams(max_tokens=max_tokens, **options)
+            params = SamplingParams.with_defaults({**limits.sampling_defaults, "max_tokens": max_tokens}, **options)
         except ValueError as e:
             raise invalid(str(e), self._field_of(e, {"max_tokens": max_tokens_field})) from None
         _check_token_ids(params.logit_bias or {}, "logit_bias", limits.vocab_size)

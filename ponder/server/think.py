@@ -19,7 +19,7 @@ from ponder.server.errors import invalid
 from ponder.server.protocol import ChatCompletionRequest, EngineLimits
 from ponder.server.responses import ChatRenderer
 from ponder.think.result import ThinkResult
-from ponder.think.run import DEFAULT_STRATEGY, SAMPLING_DEFAULTS, strategy_name
+from ponder.think.run import DEFAULT_STRATEGY, SAMPLING_FIELDS, THINK_MAX_TOKENS, strategy_name
 from ponder.think.options import OPTIONS, check_option, options_of
 from ponder.think.strategies import STRATEGIES
 
@@ -32,7 +32,7 @@ _PLAIN_ONLY = ("stop", "stop_token_ids", "logit_bias", "presence_penalty", "freq
 # -- checking the ponder object ---------------------------------------------------------------------
 def strategy_options(strategy: str) -> list[str]:
     """The options of a strategy settable over HTTP (its own, then the sampling ones)."""
-    return options_of(strategy) + list(SAMPLING_DEFAULTS)
+    return options_of(strategy) + list(SAMPLING_FIELDS)
 
 
 def think_options(body: ChatCompletionRequest, prompt_len: int, limits: EngineLimits) -> dict:
@@ -62,7 +62,7 @@ def think_options(body: ChatCompletionRequest, prompt_len: int, limits: EngineLi
         if key == "strategy":
             continue
         param = f"ponder.{key}"
-        if key in SAMPLING_DEFAULTS:
+        if key in SAMPLING_FIELDS:
             options[key] = value               # SamplingParams checks these below
         elif key in OPTIONS and key in signature:
             try:
@@ -86,9 +86,9 @@ def think_options(body: ChatCompletionRequest, prompt_len: int, limits: EngineLi
         origin["max_tokens"] = max_tokens_field
     if isinstance(merged.get("top_k"), int) and not isinstance(merged["top_k"], bool):
         merged["top_k"] = min(merged["top_k"], limits.vocab_size)
-    sampling = {k: v for k, v in merged.items() if k in SAMPLING_DEFAULTS}
+    sampling = {k: v for k, v in merged.items() if k in SAMPLING_FIELDS}
     try:
-        SamplingParams(**{**SAMPLING_DEFAULTS, **sampling})
+        SamplingParams(**sampling)
     except (ValueError, TypeError) as e:
         raise invalid(str(e), origin.get(getattr(e, "option", None), "ponder")) from None
 
@@ -96,7 +96,7 @@ def think_options(body: ChatCompletionRequest, prompt_len: int, limits: EngineLi
         body._check_context(prompt_len, merged["max_tokens"], origin["max_tokens"], limits.max_model_len)
     else:              # the strategy's default, within the context
         body._check_context(prompt_len, None, None, limits.max_model_len)
-        merged["max_tokens"] = min(SAMPLING_DEFAULTS["max_tokens"], limits.max_model_len - prompt_len)
+        merged["max_tokens"] = min(THINK_MAX_TOKENS, limits.max_model_len - prompt_len)
     return {"strategy": name, **merged}
 
 

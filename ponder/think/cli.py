@@ -7,8 +7,9 @@ import json
 import sys
 
 from ponder.config import add_engine_arguments
+from ponder.sampling_params import add_sampling_arguments, sampling_fields
 from ponder.think.options import OPTIONS
-from ponder.think.run import ALIASES, DEFAULT_STRATEGY, SAMPLING_DEFAULTS, strategy_name
+from ponder.think.run import ALIASES, DEFAULT_STRATEGY, THINK_MAX_TOKENS, strategy_name
 from ponder.think.strategies import STRATEGIES
 
 
@@ -24,10 +25,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                            help=option.help)
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--no-chat-template", action="store_true", help="send the question as a raw prompt")
-    p.add_argument("--max-tokens", type=int, default=SAMPLING_DEFAULTS["max_tokens"])
-    p.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"])
-    p.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"])
-    p.add_argument("--seed", type=int, default=SAMPLING_DEFAULTS["seed"])
+    p.add_argument("--max-tokens", type=int, default=THINK_MAX_TOKENS, help="per branch")
+    add_sampling_arguments(p)
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
     add_engine_arguments(p)
     return p
@@ -43,7 +42,7 @@ def _strategy(text: str) -> str:
 def think_options(args) -> dict:
     options = {name: getattr(args, name) for name, option in OPTIONS.items()
                if option.kind is not None and getattr(args, name) is not None}
-    options.update(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    options.update(sampling_fields(args), max_tokens=args.max_tokens)
     return options
 
 

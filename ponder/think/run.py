@@ -18,8 +18,9 @@ from ponder.think.strategies import STRATEGIES
 from ponder.think.voting import tally, winner
 
 DEFAULT_STRATEGY = "self-consistency"
-SAMPLING_DEFAULTS = {"temperature": 0.8, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "max_tokens": 512,
-                     "seed": None}
+# the sampling fields a think request may set; unset ones come from the engine's sampling_defaults
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed")
+THINK_MAX_TOKENS = 512          # per branch, unless max_tokens is set
 ALIASES = {"sc": "self-consistency", "bon": "best-of-n", "beam": "beam-search", "pf": "particle-filtering"}
 
 
@@ -144,13 +145,13 @@ def start_think(engine: LLMEngine, prompt, strategy: str = DEFAULT_STRATEGY, *, 
     if name is None:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     fn = STRATEGIES[name]
-    sampling = {k: options.pop(k) for k in list(options) if k in SAMPLING_DEFAULTS}
+    sampling = {k: options.pop(k) for k in list(options) if k in SAMPLING_FIELDS}
     accepted = [p for p in inspect.signature(fn).parameters if p != "s"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"unknown option(s) for {name}: {', '.join(unknown)}; valid: "
-                         f"{', '.join(accepted + list(SAMPLING_DEFAULTS))}")
-    params = SamplingParams(**{**SAMPLING_DEFAULTS, **sampling})
+                         f"{', '.join(accepted + list(SAMPLING_FIELDS))}")
+    params = SamplingParams.with_defaults({**engine.sampling_defaults, "max_tokens": THINK_MAX_TOKENS}, **sampling)
     if not isinstance(prompt, ThinkPrompt):
         prompt = build_prompt(engine.tokenizer, prompt, chat)
     session = ThinkSession(engine, prompt.ids, params, messages=prompt.messages, prompt_text=prompt.question,

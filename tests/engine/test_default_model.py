@@ -91,3 +91,12 @@ def test_chat_uses_the_template(default_llm):
     assert out.prompt_token_ids[:2] == default_llm.tokenizer.encode("<|im_start|>system", add_special_tokens=False)
     assert out.outputs[0].text.strip()
     assert out.outputs[0].finish_reason in ("stop", "length")
+
+
+def test_default_model_samples_as_its_card_recommends(default_llm):
+    """The GGUF carries no sampling keys: the packaged model's recommendation (SmolLM2's card:
+    temperature 0.2, top-p 0.9) fills them, over ponder's own defaults."""
+    defaults = default_llm.engine.sampling_defaults
+    assert (defaults["temperature"], defaults["top_p"], defaults["top_k"]) == (0.2, 0.9, 40)
+    params = default_llm.default_sampling_params()
+    assert (params.temperature, params.top_p) == (0.2, 0.9)

@@ -111,7 +111,9 @@ def test_a_failing_think_request_ends_alone(make_tiny_engine):
 def test_cli_parses_think():
     args = build_parser().parse_args(["think", "What is 6*7?", "--strategy", "self-consistency", "-n", "8"])
     assert args.func.__name__ == "cmd_think"
-    assert think_options(args) == {"n": 8, "max_tokens": 512, "temperature": 0.8, "top_p": 1.0, "seed": None}
+    assert think_options(args) == {"n": 8, "max_tokens": 512}   # sampling: the engine's sampling_defaults
+    args = build_parser().parse_args(["think", "q", "--temperature", "0.5", "--top-k", "20", "--seed", "3"])
+    assert think_options(args) == {"max_tokens": 512, "temperature": 0.5, "top_k": 20, "seed": 3}
     args = build_parser().parse_args(["think", "q", "--strategy", "beam", "--width", "2", "--scorer", "self-eval"])
     assert think_options(args)["width"] == 2 and args.strategy == "beam-search"   # aliases resolve at parse time
 
