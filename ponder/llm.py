@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from ponder.config import EngineConfig
 from ponder.engine.engine import LLMEngine
+from ponder.engine.programs import RequestsProgram, iterate_programs
 from ponder.outputs import CompletionOutput, RequestOutput
 from ponder.sampling_params import SamplingParams
 
@@ -43,10 +44,11 @@ class LLM:
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params or self.default_sampling_params(), len(prompts))
         results: dict[str, RequestOutput] = {}
-        order = []
+        order, requests = [], []
         for prompt, p in zip(prompts, params):
             try:
                 request = self.engine.add_request(prompt, p)
+                requests.append(request)
                 order.append(request.request_id)
             except ValueError as e:
                 rid = f"failed-{len(order)}"
@@ -55,18 +57,13 @@ class LLM:
         pending = len(prompts) - len(results)
         show = use_tqdm if use_tqdm is not None else pending >= 16
         bar = tqdm(total=pending, desc="generate", unit="req", disable=not show)
-        try:
-            mine = set(order)
-            while len(results) < len(order):      # only our requests: a parked think session may stay
-                for out in self.engine.step():
-                    if out.finished and out.request_id in mine:
-                        results[out.request_id] = out
-                        bar.update(1)
+        program = RequestsProgram(self.engine, requests)
+        try:                       # interrupted: the loop aborts the requests, freeing their blocks
+            for _ in iterate_programs(self.engine, [program]):
+                bar.update(sum(r.finished for r in requests) - bar.n)
         finally:
             bar.close()
-            for rid in order:      # interrupted: do not leave requests holding blocks
-                if rid not in results:
-                    self.engine.abort_request(rid)
+        results.update((out.request_id, out) for out in program.result.outputs)
         return [results[rid] for rid in order]
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
@@ -76,17 +73,11 @@ class LLM:
             raise ValueError("stream() generates one completion; n must be 1")
         request = self.engine.add_request(prompt, params)
         sent = 0
-        try:
-            while not request.finished:
-                self.engine.step()
-                text = request.seqs[0].text
-                if len(text) > sent:
-                    yield text[sent:]
-                    sent = len(text)
-        finally:
-            if not request.finished:
-                self.engine.abort_request(request.request_id)
-            self.engine.requests.pop(request.request_id, None)
+        for _ in iterate_programs(self.engine, [RequestsProgram(self.engine, [request])]):
+            text = request.seqs[0].text
+            if len(text) > sent:
+                yield text[sent:]
+                sent = len(text)
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template."""

@@ -110,3 +110,16 @@ def test_n_children_differ_and_seed_reproduces(make_tiny_engine):
     assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
     assert len({tuple(o.token_ids) for o in a.outputs}) > 1
     assert [o.index for o in a.outputs] == [0, 1, 2, 3]
+
+
+def test_stream_yields_the_generated_text_and_an_early_stop_frees_the_request(make_tiny_engine):
+    engine = make_tiny_engine()
+    llm = LLM.from_engine(engine)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    full = llm.generate([[5, 6, 7]], params)[0].outputs[0].text
+    assert "".join(llm.stream([5, 6, 7], params)) == full
+    free = engine.pool.num_free
+    stream = llm.stream([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+    next(stream)
+    stream.close()                    # the caller stops reading: the request is aborted, its blocks freed
+    assert not engine.has_unfinished_requests() and engine.pool.num_free >= free
