@@ -6,6 +6,7 @@ Names and meanings follow vLLM's SamplingParams and the OpenAI API.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -36,6 +37,58 @@ def sampling_defaults(source: str, recommended: dict) -> dict:
     return {**PONDER_SAMPLING_DEFAULTS, **(recommended if source == "model" else {})}
 
 
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """A constraint on the generated text (vLLM's StructuredOutputsParams): exactly one of `json`
+    (a JSON schema, as a dict or a string), `regex`, `choice` (the text is one of these strings),
+    `grammar` (Lark, or llama.cpp's GBNF) or `json_object=True` (any JSON object). The engine
+    compiles it with llguidance and masks every token that would break it. JSON may carry
+    whitespace between tokens unless `disable_any_whitespace` (vLLM's name: small models can loop
+    on whitespace)."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise InvalidOption("disable_any_whitespace", "disable_any_whitespace must be a boolean")
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object is True else []
+        if len(given) != 1:
+            raise InvalidOption(tuple(given) or "structured_outputs",
+                                "structured_outputs takes exactly one of json, regex, choice, grammar, json_object"
+                                + (f"; got {', '.join(given)}" if given else ""))
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise InvalidOption("json", f"json must be a JSON schema (an object or a string), got {self.json!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidOption(name, f"{name} must be a non-empty string, got {value!r}")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                raise InvalidOption("choice", f"choice must be a non-empty list of non-empty strings, got {self.choice!r}")
+            object.__setattr__(self, "choice", tuple(self.choice))
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None) \
+            if not self.json_object else "json_object"
+
+    def key(self) -> tuple[str, str]:
+        """What identifies the compiled constraint (the grammar cache's key)."""
+        value = getattr(self, self.kind)
+        if self.kind == "json" and isinstance(value, dict):
+            value = json.dumps(value, sort_keys=True)
+        elif self.kind == "choice":
+            value = json.dumps(list(value))
+        return self.kind + ("/compact" if self.disable_any_whitespace else ""), str(value)
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -56,6 +109,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     @classmethod
@@ -106,6 +160,8 @@ class SamplingParams:
         if self.stop_token_ids is not None:
             for t in self.stop_token_ids:
                 check_int(t, "stop_token_ids", low=0)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            raise InvalidOption("structured_outputs", "structured_outputs must be a StructuredOutputs")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidOption(name, f"{name} must be a boolean, got {getattr(self, name)!r}")

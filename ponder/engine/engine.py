@@ -15,6 +15,7 @@ from ponder.engine.probes import ProbeExtension
 from ponder.engine.scheduler import SchedulerOutput
 from ponder.engine.sequence import Action, Control, Request, Sequence, SequenceStatus
 from ponder.engine.setup import build_parts
+from ponder.engine.structured import GrammarMask, Grammars
 from ponder.layers.sampler import SamplerExtension, SamplerOutput, SamplingBatch, sample
 from ponder.model.loader import LoadedModel, weight_stats
 from ponder.outputs import RequestOutput
@@ -47,7 +48,8 @@ class LLMEngine:
         self._seed_rng = random.Random(config.seed)
         self._weight_stats = weight_stats(self.loaded)
         self._ids = itertools.count()
-        self.sampler_extensions: tuple[SamplerExtension, ...] = (ProbeExtension(),)
+        self.grammars = Grammars(self.tokenizer.to_json(), self.vocab_size, self.eos_token_ids, torch.get_num_threads())
+        self.sampler_extensions: tuple[SamplerExtension, ...] = (ProbeExtension(), GrammarMask(self.grammars))
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
@@ -65,8 +67,9 @@ class LLMEngine:
         self._validate_prompt(ids, params)
         request = Request(request_id, text, ids, params)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
+        matcher = self.grammars.matcher(params.structured_outputs) if params.structured_outputs else None
         seq = Sequence(request, list(ids), len(ids), index=0, seed=seed,
-                       control=Control(Action.PREFILL) if driven else None)
+                       control=Control(Action.PREFILL) if driven else None, matcher=matcher)
         init_detokenizer(seq)
         request.seqs.append(seq)
         self.requests[request_id] = request
@@ -146,9 +149,12 @@ class LLMEngine:
             chunks.append((seq.token_ids[start:start + ch.num_tokens], start, seq.block_table))
             if ch.samples:
                 rows.append(i)
+        sampling = [plan.chunks[i].seq for i in rows]
+        for extension in self.sampler_extensions:   # token masks are filled while the model runs
+            extension.before_forward([s for s in sampling if not _forks_now(s)])
         logits = self.runner.execute(chunks, rows)
         self._account(plan)
-        return self._fork_new_groups([plan.chunks[i].seq for i in rows], logits)
+        return self._fork_new_groups(sampling, logits)
 
     def _post_process(self, seqs: list[Sequence], out: SamplerOutput) -> None:
         """Append each row's token (detokenize, check stops) or record its probe; end what is done."""
@@ -196,15 +202,14 @@ class LLMEngine:
 
     def _fork_new_groups(self, seqs: list[Sequence], logits: torch.Tensor):
         """A request with n > 1 forks its prompt sequence at the first sample: children share its KV."""
-        if all(s.request.params.n == 1 or len(s.request.seqs) > 1 for s in seqs):
+        if not any(_forks_now(s) for s in seqs):
             return seqs, logits
         rows, expanded = [], []
         for i, seq in enumerate(seqs):
             rows.append(i)
             expanded.append(seq)
-            request = seq.request
-            if request.params.n > 1 and len(request.seqs) == 1:
-                for child in self.fork(seq, request.params.n - 1):
+            if _forks_now(seq):
+                for child in self.fork(seq, seq.request.params.n - 1):
                     rows.append(i)
                     expanded.append(child)
         return expanded, logits[torch.tensor(rows)]
@@ -226,7 +231,8 @@ class LLMEngine:
                              logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
                              finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
                              last_sampled_pos=seq.last_sampled_pos,
-                             control=Control(Action.GENERATE) if seq.control is not None else None)
+                             control=Control(Action.GENERATE) if seq.control is not None else None,
+                             matcher=seq.matcher.deep_copy() if seq.matcher is not None else None)
             self.kv.fork(seq, child)
             request.tokens_reused += seq.num_computed_tokens
             request.seqs.append(child)
@@ -280,6 +286,8 @@ class LLMEngine:
             raise ValueError(f"appending {len(token_ids)} tokens would exceed the context of "
                              f"{self.max_model_len} tokens")
         append_tokens(seq, list(token_ids), self.tokenizer)
+        if seq.matcher is not None:       # forced text the constraint must read, like sampled text
+            seq.matcher.consume_tokens(list(token_ids))
 
     def release(self, seq: Sequence, reason: str = "pruned") -> None:
         """Free `seq`'s blocks now and drop it from its request (think prune)."""
@@ -323,3 +331,8 @@ class LLMEngine:
             "steps": st.steps,
             "max_batch_seqs": st.max_batch_seqs,
         }
+
+
+def _forks_now(seq: Sequence) -> bool:
+    """A request with n > 1 forks its one sequence at its first sample."""
+    return seq.request.params.n > 1 and len(seq.request.seqs) == 1

@@ -12,6 +12,9 @@ from ponder.engine.sequence import Action
 class ProbeExtension:
     name = "probe"
 
+    def before_forward(self, seqs: list) -> None:
+        pass
+
     def prepare(self, rows: list) -> "_ProbeRows | None":
         wanted = {i: seq.control.probe_token_ids for i, seq in enumerate(rows)
                   if seq.control is not None and seq.control.action is Action.PROBE}
@@ -20,6 +23,7 @@ class ProbeExtension:
 
 class _ProbeRows:
     name = ProbeExtension.name
+    reads_distribution = True
 
     def __init__(self, wanted: dict[int, tuple[int, ...]]):
         self.wanted = wanted

@@ -76,6 +76,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     control: Control | None = None           # set while a program (think) drives this sequence
+    matcher: object | None = None            # structured output: an llguidance matcher at this point of the text
     last_sampled_pos: int = -1               # position of the latest sampled token (usage accounting)
 
     @property

@@ -32,7 +32,7 @@ _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-
 # Kernels whose results are tested to be exact (bit for bit: against a plain-C reference, across
 # batch compositions, against torch's draw) are built without -ffast-math, which would let the
 # compiler reassociate their sums. One mechanism for all of them, no per-file pragmas.
-_EXACT_KERNELS = {"quant_matmul", "paged_attention", "sampling"}
+_EXACT_KERNELS = {"quant_matmul", "paged_attention", "sampling", "token_mask"}
 # Linked without -ffast-math: that would pull in crtfastmath.o, which flushes denormals for the
 # whole process (torch included) when the library loads.
 _LINK_FLAGS = ["-shared", "-fopenmp", "-lm"]

@@ -33,15 +33,22 @@ class RowExtension(Protocol):
     """One step's extra input/output for some rows (built by a `SamplerExtension`)."""
 
     name: str
+    reads_distribution: bool   # observe() needs the log-softmax of the raw logits
 
     def edit_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] before penalties; return them edited (or unchanged)."""
+        """Logits [B, V] before penalties (the sampler's working copy: may be edited in place);
+        return them edited."""
 
-    def observe(self, logprobs: torch.Tensor, tokens: torch.Tensor) -> dict[int, object]:
-        """Log-softmax of the raw logits [B, V] and the drawn tokens [B]; return a value per row."""
+    def observe(self, logprobs: torch.Tensor | None, tokens: torch.Tensor) -> dict[int, object]:
+        """Log-softmax of the raw logits [B, V] (None unless reads_distribution) and the drawn
+        tokens [B]; return a value per row."""
 
 
 class SamplerExtension(Protocol):
+    def before_forward(self, seqs: list) -> None:
+        """The sequences of this step that will be sampled (the engine calls this before the
+        model's forward, so work that does not need the logits can overlap it)."""
+
     def prepare(self, rows: list) -> RowExtension | None:
         """This step's extension for `rows` (one sequence per row), or None if no row needs it."""
 
@@ -132,8 +139,10 @@ class SamplerOutput:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """Draw one token per row. `logits` [B, V] are the step's own: extensions may edit them in
+    place (the raw log-softmax, for logprobs, is taken before)."""
     logits = logits.float()
-    wants_raw = batch.logprobs is not None or batch.extensions
+    wants_raw = batch.logprobs is not None or any(e.reads_distribution for e in batch.extensions)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_raw else None
     logits = apply_logit_edits(logits, batch)
     for extension in batch.extensions:

@@ -23,10 +23,11 @@ from ponder.engine.async_engine import AsyncEngine
 from ponder.engine.engine_thread import EngineThread
 from ponder.engine.streams import EngineDeadError, EngineUnavailable, RequestAborted, RequestFailed, Stream
 from ponder.engine.engine import LLMEngine
+from ponder.engine.structured import Grammars
 from ponder.model.loader import DEFAULT_MODEL
 from ponder.model.tokenizer import Tokenizer
 from ponder.outputs import RequestOutput
-from ponder.sampling_params import SamplingParams
+from ponder.sampling_params import InvalidOption, SamplingParams
 from ponder.server.errors import (APIError, dumps, from_validation_error, install_error_handlers, invalid,
                                   json_response)
 from ponder.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -34,6 +35,7 @@ from ponder.server.protocol import (MAX_BODY_BYTES, ChatCompletionRequest, Compl
                                     check_model)
 from ponder.server.responses import (ChatRenderer, CompletionRenderer, DeltaTracker, Renderer, TokenTexts,
                                      usage)
+from ponder.server.structured import StructuredFields
 from ponder.server.think import ThinkRenderer, param_of, think_options
 from ponder.think.run import ThinkPrompt, think_program
 
@@ -60,6 +62,7 @@ class ServerState:
     tokenizer: Tokenizer
     texts: TokenTexts
     created: int
+    grammars: Grammars               # the engine's compiled output constraints (thread-safe)
 
 
 def build_app(engine: LLMEngine, config: ServerConfig | None = None,
@@ -74,7 +77,7 @@ def build_app(engine: LLMEngine, config: ServerConfig | None = None,
     state = ServerState(config, async_engine, metrics, model_name,
                         EngineLimits(engine.max_model_len, engine.vocab_size, engine.config.max_num_seqs,
                                      engine.sampling_defaults),
-                        engine.tokenizer, TokenTexts(engine.tokenizer), int(time.time()))
+                        engine.tokenizer, TokenTexts(engine.tokenizer), int(time.time()), engine.grammars)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -172,6 +175,8 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
     # templates and tokenizers take a while on long prompts: off the event loop, which serves the streams
     prompts = await asyncio.to_thread(body.prompt_token_ids, state.tokenizer, state.limits)
     params = body.sampling_params(prompts, state.limits)
+    if params.structured_outputs is not None:
+        await _compile_constraint(state, body)
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
     stream = await _submit(state, prompts, params, request_id, body.prompt_field)
     generation = Generation(stream, DeltaTracker(params, len(prompts)),
@@ -182,6 +187,16 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
         return StreamingResponse(generation.events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     return json_response(await generation.complete(request))
+
+
+async def _compile_constraint(state: ServerState, body: StructuredFields) -> None:
+    """Compile the body's output constraint on a worker thread (cached: the engine thread then only
+    copies it), so a slow schema stalls no stream; an invalid one is a 400 naming its field."""
+    constraint, origin = body.constraint()
+    try:
+        await asyncio.to_thread(state.grammars.compile, constraint)
+    except InvalidOption as e:
+        raise invalid(str(e), origin.get(e.option, next(iter(origin.values())))) from None
 
 
 async def _submit(state: ServerState, prompts: list[list[int]], params: SamplingParams, request_id: str,

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ponder.model.tokenizer import Tokenizer
 from ponder.sampling_params import SamplingParams
 from ponder.server.errors import APIError, invalid
+from ponder.server.structured import StructuredFields
 
 MAX_BODY_BYTES = 16 << 20
 
@@ -39,8 +40,9 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool = False
 
 
-class _GenerationRequest(_Body):
-    """Fields both endpoints share: OpenAI's sampling fields and vLLM's extras."""
+class _GenerationRequest(StructuredFields):
+    """Fields both endpoints share: OpenAI's sampling fields, vLLM's extras and the output
+    constraints (server/structured.py)."""
 
     prompt_field: ClassVar[str]
 
@@ -93,7 +95,8 @@ class _GenerationRequest(_Body):
                        min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
                        stop_token_ids=self.stop_token_ids,
                        include_stop_str_in_output=self.include_stop_str_in_output,
-                       skip_special_tokens=self.skip_special_tokens, logprobs=self._logprobs())
+                       skip_special_tokens=self.skip_special_tokens, logprobs=self._logprobs(),
+                       structured_outputs=self.constraint()[0])
         options = {k: v for k, v in options.items() if v is not None}
         try:
             params = SamplingParams.with_defaults({**limits.sampling_defaults, "max_tokens": max_tokens}, **options)

@@ -174,6 +174,7 @@ class _AllowOnly:
 
 class _AllowRows:
     name = "allow"
+    reads_distribution = True
 
     def __init__(self, masks):
         self.masks = masks

@@ -126,6 +126,7 @@ _json = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st
                      | st.text(max_size=20), lambda inner: st.lists(inner, max_size=4)
                      | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=8)
 _FIELDS = ["prompt", "messages", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
+           "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
            "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "user", "stream",
            "stream_options", "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "model", "zzz"]
 _value = {
