@@ -55,8 +55,10 @@ def _parts(pip_base: str, module_base: str, version: str, count: int) -> tuple[t
     return pips, files
 
 
-_SMOLLM2_SAMPLING = (("temperature", 0.2), ("top_p", 0.9))                    # SmolLM2 model card
-_QWEN_SAMPLING = (("temperature", 0.7), ("top_p", 0.8), ("top_k", 20))      # Qwen2.5 generation_config
+# The packaged models' recommended sampling, one table: SmolLM2's model card; Qwen2.5's
+# generation_config.json (the GGUFs carry neither).
+_SMOLLM2_SAMPLING = (("temperature", 0.2), ("top_p", 0.9))
+_QWEN_SAMPLING = (("temperature", 0.7), ("top_p", 0.8), ("top_k", 20), ("repetition_penalty", 1.05))
 
 PACKAGED_MODELS = {
     "smollm2-135m-instruct": PackagedModel(

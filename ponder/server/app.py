@@ -180,7 +180,7 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
     stream = await _submit(state, prompts, params, request_id, body.prompt_field)
     generation = Generation(stream, DeltaTracker(params, len(prompts)),
-                            renderer_type(request_id, state.model_name, state.texts),
+                            renderer_type(request_id, state.model_name, state.texts, **body.output_options()),
                             len(prompts) * params.n, body.include_usage, state.engine,
                             sum(len(p) for p in prompts) if body.continuous_usage else None)
     if body.stream:
@@ -219,6 +219,8 @@ async def _think(request: Request, body: ChatCompletionRequest) -> Response:
     # renders the chat template (a 400 naming "messages" if it cannot) and checks the context
     [ids] = await asyncio.to_thread(body.prompt_token_ids, state.tokenizer, state.limits)
     options = think_options(body, len(ids), state.limits)
+    if "structured_outputs" in options:
+        await _compile_constraint(state, body)
     prompt = ThinkPrompt.from_messages([m.template_input() for m in body.messages], ids)   # rendered once
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     try:
@@ -285,8 +287,8 @@ class Generation:
                 deltas = self.tracker.deltas(outs)
                 if deltas:
                     so_far = self._usage(outs)
-                    yield _events([render.chunk([render.choice(d, streaming=True)], self.include_usage, so_far)
-                                   for d in deltas])
+                    yield _events([render.chunk([choice], self.include_usage, so_far)
+                                   for d in deltas for choice in render.stream_choices(d)])
             if self.include_usage:
                 yield _events([render.chunk([], True, usage(outs))])
         except (RequestFailed, RequestAborted, EngineDeadError) as e:

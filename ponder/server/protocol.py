@@ -11,13 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+import json
+
 import jinja2
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from ponder.model.tokenizer import Tokenizer
-from ponder.sampling_params import SamplingParams
+from ponder.sampling_params import SamplingParams, StructuredOutputs
 from ponder.server.errors import APIError, invalid
+from ponder.server.chat_output import THINK_OPEN
 from ponder.server.structured import StructuredFields
+from ponder.server.tools import MessageToolCall, Tool, ToolChoice, ToolUse, template_messages, tool_use
 
 MAX_BODY_BYTES = 16 << 20
 
@@ -166,6 +170,9 @@ class CompletionRequest(_GenerationRequest):
     def _max_tokens(self) -> tuple[int | None, str | None]:
         return self.max_tokens, ("max_tokens" if "max_tokens" in self.model_fields_set else None)
 
+    def output_options(self) -> dict:
+        return {}
+
     def _logprobs(self) -> int | None:
         return self.logprobs
 
@@ -176,16 +183,31 @@ class TextPart(_Body):
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = Field(None, description="a string or a list of text parts")
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None     # an assistant's calls
+    tool_call_id: str | None = None                     # a tool message: the call it answers
+    reasoning_content: str | None = None                # an earlier answer's reasoning (not re-sent)
 
     def template_input(self) -> dict:
         content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content or [])
         message = {"role": "system" if self.role == "developer" else self.role, "content": content}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:            # templates expect the arguments as an object, not a JSON string
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in self.tool_calls]
         return message
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -198,20 +220,49 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    parallel_tool_calls: bool | None = None   # only means something with tools; harmless without
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = Field(None, description='"none", "auto", "required" or '
+                                                             '{"type": "function", "function": {"name": ...}}')
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict | None = Field(None, description="extra template variables, e.g. "
+                                                                '{"enable_thinking": false}')
     # ponder's extra: run a think strategy (see ponder/server/think.py)
     ponder: dict | None = Field(None, description='an object like {"strategy": "self-consistency", "n": 8}')
+    _tools: ToolUse | None = PrivateAttr(None)
+    _tool_constraint: StructuredOutputs | None = PrivateAttr(None)
+    _output: dict = PrivateAttr(default_factory=dict)
 
     def prompt_token_ids(self, tokenizer: Tokenizer, limits: EngineLimits) -> list[list[int]]:
         if not self.messages:
             raise invalid("messages must contain at least one message", "messages")
         self._check_choices(1, limits)
+        self._tools = tool_use(self.tools, self.tool_choice, self.parallel_tool_calls)
+        messages, options = template_messages([m.template_input() for m in self.messages], self._tools, tokenizer)
         try:
-            text = tokenizer.apply_chat_template([m.template_input() for m in self.messages],
-                                                 add_generation_prompt=True)
-        except (ValueError, jinja2.TemplateError) as e:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 **{**(self.chat_template_kwargs or {}), **options})
+        except (ValueError, TypeError, jinja2.TemplateError) as e:
             raise invalid(f"The model's chat template cannot render these messages: {e}", "messages") from None
+        self._tool_constraint = self._tools.constraint(tokenizer) if self._tools else None
+        thinks = THINK_OPEN in (tokenizer.chat_template or "")
+        self._output = {"reasoning": thinks, "in_reasoning": thinks and text.rstrip().endswith(THINK_OPEN),
+                        "tools": tuple(t.function.name for t in self._tools.tools) if self._tools else ()}
         return [tokenizer.encode(text, add_special_tokens=False)]
+
+    def output_options(self) -> dict:
+        """How the answer's text splits (server/chat_output.py): think blocks, tool calls."""
+        return self._output
+
+    def constraint(self):
+        """The body's output constraint, or the grammar that tool_choice "required" or a named
+        function implies (the two cannot be combined)."""
+        structured, origin = super().constraint()
+        if self._tool_constraint is None:
+            return structured, origin
+        if structured is not None:
+            raise invalid("tool_choice \"required\" or a named function cannot be combined with another "
+                          "output constraint", "tool_choice")
+        return self._tool_constraint, {"grammar": "tool_choice"}
 
     def _max_tokens(self) -> tuple[int | None, str | None]:
         if self.max_completion_tokens is not None:

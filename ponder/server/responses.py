@@ -16,6 +16,7 @@ from functools import lru_cache
 from ponder.model.tokenizer import Tokenizer
 from ponder.outputs import Logprob, RequestOutput
 from ponder.sampling_params import SamplingParams
+from ponder.server.chat_output import ChoiceParser, Parsed
 
 
 @dataclass
@@ -85,7 +86,7 @@ class Renderer:
 
     def response(self, deltas: list[ChoiceDelta], usage: dict) -> dict:
         return {"id": self.request_id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [self.choice(d, streaming=False) for d in deltas], "usage": usage}
+                "choices": [self.choice(d) for d in deltas], "usage": usage}
 
     def chunk(self, choices: list[dict], include_usage: bool, usage: dict | None = None) -> dict:
         body = {"id": self.request_id, "object": self.chunk_object, "created": self.created,
@@ -98,8 +99,13 @@ class Renderer:
         """Chunks sent before any token (the chat role)."""
         return []
 
-    def choice(self, delta: ChoiceDelta, streaming: bool) -> dict:
+    def choice(self, delta: ChoiceDelta) -> dict:
+        """A choice of a whole response."""
         raise NotImplementedError
+
+    def stream_choices(self, delta: ChoiceDelta) -> list[dict]:
+        """A delta as streamed choices, one chunk each (a tool call takes more than one)."""
+        return [self.choice(delta)]
 
 
 class CompletionRenderer(Renderer):
@@ -109,7 +115,7 @@ class CompletionRenderer(Renderer):
         super().__init__(request_id, model, texts)
         self._text_offsets: dict[int, int] = {}     # choice -> characters of the tokens rendered so far
 
-    def choice(self, delta: ChoiceDelta, streaming: bool) -> dict:
+    def choice(self, delta: ChoiceDelta) -> dict:
         return {"index": delta.index, "text": delta.text, "logprobs": self._logprobs(delta),
                 "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}
 
@@ -132,22 +138,65 @@ class CompletionRenderer(Renderer):
 
 
 class ChatRenderer(Renderer):
+    """Chat choices; with `options` (server/chat_output.py's ChoiceParser: reasoning, in_reasoning,
+    tools) the text splits into content, reasoning_content and tool_calls."""
+
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
+
+    def __init__(self, request_id: str, model: str, texts: TokenTexts, **options):
+        super().__init__(request_id, model, texts)
+        self._options = {k: v for k, v in options.items() if v}
+        self._parsers: dict[int, ChoiceParser] = {}
 
     def opening_chunks(self, num_choices: int, include_usage: bool, usage: dict | None = None) -> list[dict]:
         return [self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None}], include_usage, usage) for i in range(num_choices)]
 
-    def choice(self, delta: ChoiceDelta, streaming: bool) -> dict:
-        body = {"index": delta.index}
-        if streaming:
-            body["delta"] = {"content": delta.text} if delta.text else {}
-        else:
-            body["message"] = {"role": "assistant", "content": delta.text}
-        body.update(logprobs=self._logprobs(delta), finish_reason=delta.finish_reason,
-                    stop_reason=delta.stop_reason)
-        return body
+    def choice(self, delta: ChoiceDelta) -> dict:
+        parsed = self._parse(delta)
+        message = {"role": "assistant", "content": parsed.content if not parsed.calls else (parsed.content.strip() or None)}
+        if parsed.reasoning:
+            message["reasoning_content"] = parsed.reasoning
+        if parsed.calls:
+            message["tool_calls"] = [c.body() for c in parsed.calls]
+        return {"index": delta.index, "message": message, "logprobs": self._logprobs(delta),
+                "finish_reason": self._finish_reason(delta), "stop_reason": delta.stop_reason}
+
+    def stream_choices(self, delta: ChoiceDelta) -> list[dict]:
+        """Content and reasoning first; then per tool call its id and name, then its arguments."""
+        parsed = self._parse(delta)
+        first = {}
+        if parsed.content:
+            first["content"] = parsed.content
+        if parsed.reasoning:
+            first["reasoning_content"] = parsed.reasoning
+        deltas = [first] if first else []
+        calls_before = len(self._parsers[delta.index].calls) - len(parsed.calls) if self._options else 0
+        for k, call in enumerate(parsed.calls, start=calls_before):
+            deltas.append({"tool_calls": [{"index": k, "id": call.id, "type": "function",
+                                           "function": {"name": call.name, "arguments": ""}}]})
+            deltas.append({"tool_calls": [{"index": k, "function": {"arguments": call.arguments}}]})
+        out = [{"index": delta.index, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
+        if not out:
+            if delta.finish_reason is None and not delta.logprobs:
+                return []                     # all held back (a tag that may be starting)
+            out = [{"index": delta.index, "delta": {}, "logprobs": None, "finish_reason": None}]
+        out[0]["logprobs"] = self._logprobs(delta)
+        out[-1].update(finish_reason=self._finish_reason(delta), stop_reason=delta.stop_reason)
+        return out
+
+    def _parse(self, delta: ChoiceDelta) -> Parsed:
+        if not self._options:
+            return Parsed(content=delta.text)
+        parser = self._parsers.setdefault(delta.index, ChoiceParser(**self._options))
+        return parser.feed(delta.text, final=delta.finish_reason is not None)
+
+    def _finish_reason(self, delta: ChoiceDelta) -> str | None:
+        parser = self._parsers.get(delta.index)
+        if delta.finish_reason == "stop" and parser is not None and parser.calls:
+            return "tool_calls"
+        return delta.finish_reason
 
     def _logprobs(self, delta: ChoiceDelta) -> dict | None:
         if delta.logprobs is None:

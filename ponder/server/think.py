@@ -26,7 +26,7 @@ from ponder.think.strategies import STRATEGIES
 # body fields plain sampling has and a think request cannot honour (n: use ponder.n)
 _PLAIN_ONLY = ("stop", "stop_token_ids", "logit_bias", "presence_penalty", "frequency_penalty",
                "repetition_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output",
-               "skip_special_tokens", "top_logprobs")
+               "skip_special_tokens", "top_logprobs", "tools")
 
 
 # -- checking the ponder object ---------------------------------------------------------------------
@@ -62,6 +62,9 @@ def think_options(body: ChatCompletionRequest, prompt_len: int, limits: EngineLi
         if key == "strategy":
             continue
         param = f"ponder.{key}"
+        if key == "structured_outputs":
+            raise invalid("give the output constraint at the top level (response_format, structured_outputs, "
+                          "guided_*), not in 'ponder'", param)
         if key in SAMPLING_FIELDS:
             options[key] = value               # SamplingParams checks these below
         elif key in OPTIONS and key in signature:
@@ -97,6 +100,9 @@ def think_options(body: ChatCompletionRequest, prompt_len: int, limits: EngineLi
     else:              # the strategy's default, within the context
         body._check_context(prompt_len, None, None, limits.max_model_len)
         merged["max_tokens"] = min(THINK_MAX_TOKENS, limits.max_model_len - prompt_len)
+    constraint, _ = body.constraint()      # response_format & co: every branch keeps to it
+    if constraint is not None:
+        merged["structured_outputs"] = constraint
     return {"strategy": name, **merged}
 
 

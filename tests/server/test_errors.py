@@ -112,8 +112,9 @@ def test_errors_name_the_field_and_context(tiny_server):
         too_much = _check_error(http.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 127}), "max_tokens")
         assert too_much["code"] == "context_length_exceeded"
         assert "top_p" in _check_error(http.post(COMPLETIONS, json={"prompt": "hi", "top_p": 2}), "top_p")["message"]
-        unknown = _check_error(http.post(CHAT, json={"messages": USER, "tools": []}), "tools")
+        unknown = _check_error(http.post(CHAT, json={"messages": USER, "tool_box": []}), "tool_box")
         assert "Unrecognized" in unknown["message"]
+        _check_error(http.post(CHAT, json={"messages": USER, "tools": "x"}), "tools")
         assert http.post(COMPLETIONS, json={"prompt": "hi", "model": "nope"}).status_code == 404
         malformed = _check_error(http.post(COMPLETIONS, content=b"{oops"))
         assert malformed["code"] == "invalid_json"

@@ -75,6 +75,19 @@ def test_bad_constraints_are_400s_naming_the_field(tiny_server, extra, field):
     assert tiny_server.async_engine.num_in_flight == 0
 
 
+def test_a_think_request_keeps_every_branch_to_the_constraint(tiny_server):
+    body = {"messages": USER, "max_tokens": 20, "temperature": 1.0, "seed": 2, "guided_choice": ["12", "7"],
+            "ponder": {"strategy": "self-consistency", "n": 4}}
+    with httpx.Client(base_url=tiny_server.url, timeout=60) as http:
+        r = http.post(CHAT, json=body)
+        assert r.status_code == 200, r.text
+        reply = r.json()
+        assert reply["choices"][0]["message"]["content"] in ("12", "7")
+        assert {c["text"] for c in reply["ponder"]["candidates"]} <= {"12", "7"}
+        bad = http.post(CHAT, json={**body, "ponder": {"strategy": "self-consistency", "structured_outputs": {}}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "ponder.structured_outputs"
+
+
 class Answer(pydantic.BaseModel):
     city: str
     population: int
