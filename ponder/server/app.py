@@ -13,6 +13,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -35,6 +36,7 @@ from ponder.server.protocol import (MAX_BODY_BYTES, ChatCompletionRequest, Compl
                                     check_model)
 from ponder.server.responses import (ChatRenderer, CompletionRenderer, DeltaTracker, Renderer, TokenTexts,
                                      usage)
+from ponder.server.responses_api import ResponsesRenderer, ResponsesRequest, responses_error
 from ponder.server.structured import StructuredFields
 from ponder.server.think import ThinkRenderer, param_of, think_options
 from ponder.think.run import ThinkPrompt, think_program
@@ -148,6 +150,19 @@ async def chat_completions(request: Request) -> Response:
     if body.ponder is not None:
         return await _think(request, body)
     return await _generate(request, body, "chatcmpl", ChatRenderer)
+
+
+@_v1.post("/responses")
+async def responses(request: Request) -> Response:
+    """OpenAI's Responses API, stateless: run as the chat request it translates to."""
+    body = await _read_body(request, ResponsesRequest)
+    try:
+        chat = body.to_chat()
+        return await _generate(request, chat, "resp", partial(ResponsesRenderer, body=body))
+    except ValidationError as e:
+        raise responses_error(from_validation_error(e, ChatCompletionRequest)) from None
+    except APIError as e:
+        raise responses_error(e) from None
 
 
 def _model_card(state: ServerState) -> dict:
@@ -289,13 +304,15 @@ class Generation:
                     so_far = self._usage(outs)
                     yield _events([render.chunk([choice], self.include_usage, so_far)
                                    for d in deltas for choice in render.stream_choices(d)])
-            if self.include_usage:
-                yield _events([render.chunk([], True, usage(outs))])
+            closing = render.closing_chunks(self.include_usage, usage(outs))
+            if closing:
+                yield _events(closing)
         except (RequestFailed, RequestAborted, EngineDeadError) as e:
             yield _events([_api_error(e).body()])
         finally:
             self._abort_unless_done()
-        yield "data: [DONE]\n\n"
+        if render.done_marker:
+            yield render.done_marker
 
     def _usage(self, outs: list[RequestOutput]) -> dict | None:
         """The usage so far, for every chunk when continuous usage is on (else None)."""
@@ -369,7 +386,9 @@ class ThinkGeneration:
 
 
 def _events(bodies: list[dict]) -> str:
-    return "".join(f"data: {dumps(body)}\n\n" for body in bodies)
+    """Server-sent events; a typed event (the Responses API's) also names itself on an event line."""
+    return "".join(f"event: {body['type']}\ndata: {dumps(body)}\n\n" if isinstance(body.get("type"), str)
+                   else f"data: {dumps(body)}\n\n" for body in bodies)
 
 
 async def _disconnected(request: Request) -> None:

@@ -95,9 +95,15 @@ class Renderer:
             body["usage"] = usage
         return body
 
+    done_marker: str | None = "data: [DONE]\n\n"   # what ends a stream
+
     def opening_chunks(self, num_choices: int, include_usage: bool, usage: dict | None = None) -> list[dict]:
         """Chunks sent before any token (the chat role)."""
         return []
+
+    def closing_chunks(self, include_usage: bool, usage: dict) -> list[dict]:
+        """Chunks sent after the last token: the usage, when asked for."""
+        return [self.chunk([], True, usage)] if include_usage else []
 
     def choice(self, delta: ChoiceDelta) -> dict:
         """A choice of a whole response."""
