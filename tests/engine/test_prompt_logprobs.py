@@ -4,28 +4,13 @@ same tokens one by one: whole prompts, chunked ones, with a warm prefix cache, a
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ponder import SamplingParams
 from ponder.llm import LLM
+from tests.conftest import decoded_logprobs
 
 PROMPT = [(7 * i + 3) % 250 for i in range(45)]
 SCORE = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=3)
-
-
-def decoded_logprobs(engine, tokens: list[int]) -> list[float]:
-    """The logprob of each token after the first, decoding the tokens one at a time through the
-    engine's runner (one-token chunks over the paged KV cache, the decode path)."""
-    bs = engine.pool.block_size
-    blocks = [engine.pool.allocate() for _ in range(-(-len(tokens) // bs))]
-    try:
-        out = []
-        for j in range(len(tokens) - 1):
-            logits = engine.runner.execute([([tokens[j]], j, blocks)], [0])
-            out.append(torch.log_softmax(logits.float(), dim=-1)[0, tokens[j + 1]].item())
-        return out
-    finally:
-        engine.pool.release(reversed(blocks))
 
 
 def max_difference(prompt_logprobs, tokens: list[int], reference: list[float]) -> float:
