@@ -83,7 +83,7 @@ def test_warm_prefix_cache_is_not_reused_for_scoring(make_tiny_engine):
     engine.pool.check_empty()
 
 
-def test_preempted_requests_score_each_token_once(make_tiny_engine):
+def test_forked_and_preempted_requests_score_each_token_once(make_tiny_engine):
     engine = make_tiny_engine(num_kv_blocks=24, max_num_batched_tokens=16)
     prompts = [PROMPT[:30], PROMPT[10:40], PROMPT[3:33]]
     references = [decoded_logprobs(engine, p) for p in prompts]
@@ -93,6 +93,21 @@ def test_preempted_requests_score_each_token_once(make_tiny_engine):
     for out, tokens, reference in zip(outs, prompts, references):
         assert max_difference(out.prompt_logprobs, tokens, reference) < 1e-4
         assert all(lp.top == {} for lp in out.prompt_logprobs[1:])
+    engine.pool.check_empty()
+
+
+def test_preempted_mid_prompt_scores_each_token_once(make_tiny_engine):
+    """A scoring request preempted while its prompt is half computed recomputes it from the start
+    (no prefix reuse) and records the positions it had not scored yet, once."""
+    engine = make_tiny_engine(num_kv_blocks=15, max_num_batched_tokens=8)
+    long = [(3 * i + 11) % 250 for i in range(50)]
+    reference = decoded_logprobs(engine, long)
+    _, out = LLM.from_engine(engine).generate(
+        [list(range(60, 72)), long], [SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+                                      SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=1)])
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and stats["prompt_tokens"] > 12 + 50     # prompt positions recomputed
+    assert max_difference(out.prompt_logprobs, long, reference) < 1e-4
     engine.pool.check_empty()
 
 
