@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Logprob:
-    """Log-probability of the chosen token and its top alternatives (token id -> logprob)."""
+    """Log-probability of the chosen token and its top alternatives (token id -> logprob); `rank`
+    (1 = the likeliest token) is known for prompt tokens, whose logprobs score a text."""
 
     token_id: int
     logprob: float
     top: dict[int, float] = field(default_factory=dict)
+    rank: int | None = None
 
 
 @dataclass
@@ -48,3 +50,6 @@ class RequestOutput:
     finished: bool = False
     error: str | None = None
     usage: Usage = field(default_factory=Usage)
+    # with SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing
+    # predicts it); shorter while the prompt is still being computed
+    prompt_logprobs: list[Logprob | None] | None = None

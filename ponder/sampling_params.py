@@ -108,6 +108,9 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
+    # vLLM's: for every prompt token after the first, its logprob and this many top alternatives
+    # (RequestOutput.prompt_logprobs; what lm-eval's loglikelihood tasks score)
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputs | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
@@ -140,6 +143,8 @@ class SamplingParams:
             raise InvalidOption("min_tokens", f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         if self.logprobs is not None:
             check_int(self.logprobs, "logprobs", low=0, high=20)
+        if self.prompt_logprobs is not None:
+            check_int(self.prompt_logprobs, "prompt_logprobs", low=0, high=20)
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise InvalidOption("logit_bias", "logit_bias must be a dict of token id -> bias")

@@ -106,6 +106,21 @@ def write_hf_folder(model: LlamaForCausalLM, cfg: ModelConfig, folder: str) -> s
     return folder
 
 
+def decoded_logprobs(engine, tokens: list[int]) -> list[float]:
+    """The logprob of each token after the first, decoding the tokens one at a time through the
+    engine's runner (one-token chunks over the paged KV cache, the decode path)."""
+    bs = engine.pool.block_size
+    blocks = [engine.pool.allocate() for _ in range(-(-len(tokens) // bs))]
+    try:
+        out = []
+        for j in range(len(tokens) - 1):
+            logits = engine.runner.execute([([tokens[j]], j, blocks)], [0])
+            out.append(torch.log_softmax(logits.float(), dim=-1)[0, tokens[j + 1]].item())
+        return out
+    finally:
+        engine.pool.release(reversed(blocks))
+
+
 @pytest.fixture(scope="session")
 def byte_tokenizer_dir(tmp_path_factory) -> str:
     folder = str(tmp_path_factory.mktemp("byte_tokenizer"))

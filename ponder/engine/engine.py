@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ponder.config import EngineConfig
+from ponder.engine import prompt_logprobs
 from ponder.engine.detokenizer import append_tokens, init_detokenizer, process_token
 from ponder.engine.probes import ProbeExtension
 from ponder.engine.scheduler import SchedulerOutput
@@ -140,8 +141,9 @@ class LLMEngine:
         return touched
 
     def _execute(self, plan: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
-        """Run the model over the scheduled chunks; returns the sequences to sample, one per row of
-        logits (a request with n > 1 forks its prompt's sequence at the first sample)."""
+        """Run the model over the scheduled chunks and record the prompt logprobs they give;
+        returns the sequences to sample, one per row of logits (a request with n > 1 forks its
+        prompt's sequence at the first sample)."""
         self.runner.copy_blocks(plan.block_copies)
         chunks, rows = [], []
         for i, ch in enumerate(plan.chunks):
@@ -152,7 +154,11 @@ class LLMEngine:
         sampling = [plan.chunks[i].seq for i in rows]
         for extension in self.sampler_extensions:   # token masks are filled while the model runs
             extension.before_forward([s for s in sampling if not _forks_now(s)])
-        logits = self.runner.execute(chunks, rows)
+        scoring = prompt_logprobs.score_ranges(plan.chunks)   # positions that score a prompt
+        logits = self.runner.execute(chunks, rows, scoring)
+        if scoring:
+            prompt_logprobs.record(plan.chunks, scoring, logits[len(rows):])
+            logits = logits[:len(rows)]
         self._account(plan)
         return self._fork_new_groups(sampling, logits)
 

@@ -100,13 +100,14 @@ class Scheduler:
         while (j < len(self.waiting) and budget > 0 and not out.num_preempted
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[j]
-            hit = self.kv.match_prefix(seq)          # waiting sequences hold no blocks
+            # waiting sequences hold no blocks; one scoring its prompt computes all of it
+            hit = self.kv.match_prefix(seq) if seq.may_reuse_prefix else 0
             if seq.tokens_wanted == 0:             # prefill-only and all cached
                 out.prefix_hits.append((seq, hit))
                 del self.waiting[j]
                 seq.status = SequenceStatus.PARKED
                 continue
-            if self.kv.next_block_hash(seq) in in_flight:
+            if seq.may_reuse_prefix and self.kv.next_block_hash(seq) in in_flight:
                 self.kv.free(seq)                    # leave its hits cached; look again next step
                 j += 1
                 continue

@@ -109,6 +109,13 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    @property
+    def may_reuse_prefix(self) -> bool:
+        """False while the request's prompt logprobs are incomplete: positions taken from the
+        prefix cache are not computed, so they would have no logits to score the prompt with."""
+        scored = self.request.prompt_logprobs
+        return scored is None or len(scored) >= self.num_prompt_tokens
+
 
 @dataclass(eq=False)
 class Request:
@@ -126,6 +133,13 @@ class Request:
     next_index: int = 1                      # completion index of the next fork (never reused)
     first_token_time: float | None = None
     error: str | None = None
+    # with params.prompt_logprobs: one entry per prompt token scored so far (None for the first,
+    # which nothing predicts); see ponder/engine/prompt_logprobs.py
+    prompt_logprobs: list[Logprob | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def finished(self) -> bool:
@@ -138,4 +152,5 @@ class Request:
                 for s in self.seqs]
         usage = Usage(len(self.prompt_token_ids), sum(len(o.token_ids) for o in outs), self.num_cached_tokens)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished,
-                             self.error, usage)
+                             self.error, usage,
+                             list(self.prompt_logprobs) if self.prompt_logprobs is not None else None)

@@ -26,6 +26,12 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.zeros(shape, dtype=np_dtype))
 
 
+def _range_rows(chunks, ranges) -> torch.Tensor:
+    """Rows of the flat batch at the chunk offsets `ranges` names ((chunk index, first, end))."""
+    first = np.cumsum([0] + [len(toks) for toks, _, _ in chunks])
+    return torch.from_numpy(np.concatenate([np.arange(first[i] + lo, first[i] + hi) for i, lo, hi in ranges]))
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
                  kv_dtype: torch.dtype = torch.float32, dtype: torch.dtype = torch.float32):
@@ -61,19 +67,27 @@ class ModelRunner:
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     @torch.inference_mode()
-    def execute(self, chunks: list[tuple[list[int], int, list[int]]], sample_rows: list[int]) -> torch.Tensor:
+    def execute(self, chunks: list[tuple[list[int], int, list[int]]], sample_rows: list[int],
+                score_ranges: list[tuple[int, int, int]] = ()) -> torch.Tensor:
         """Run one step.
 
         chunks: per sequence (tokens to compute, position of the first of them, block table).
         sample_rows: indices into `chunks` whose last token's logits are wanted.
-        Returns logits [len(sample_rows), vocab].
+        score_ranges: (chunk index, first, end) offsets within a chunk whose every position's
+        logits are wanted too (prompt logprobs); the LM head runs on those rows only, and on none
+        more when there are none.
+        Returns logits [len(sample_rows) + rows of score_ranges, vocab]: the sampled rows, then
+        each range's rows in order.
         """
         input_ids, positions, meta, last_rows = self.prepare(chunks)
         if self.native_stack is not None and meta.native is not None and meta.native.all_rows:
             hidden = self.native_stack.forward(self.model.embed_tokens(input_ids), positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        return self.model.compute_logits(hidden[last_rows[sample_rows]])
+        rows = last_rows[sample_rows]
+        if score_ranges:
+            rows = torch.cat([rows, _range_rows(chunks, score_ranges)])
+        return self.model.compute_logits(hidden[rows])
 
     def prepare(self, chunks):
         bs = self.block_size

@@ -190,11 +190,12 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
     # templates and tokenizers take a while on long prompts: off the event loop, which serves the streams
     prompts = await asyncio.to_thread(body.prompt_token_ids, state.tokenizer, state.limits)
     params = body.sampling_params(prompts, state.limits)
+    echo = await asyncio.to_thread(body.echoed_prompts, prompts, state.tokenizer) if body.echoes else None
     if params.structured_outputs is not None:
         await _compile_constraint(state, body)
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
     stream = await _submit(state, prompts, params, request_id, body.prompt_field)
-    generation = Generation(stream, DeltaTracker(params, len(prompts)),
+    generation = Generation(stream, DeltaTracker(params, len(prompts), echo, body.lists_prompt_logprobs),
                             renderer_type(request_id, state.model_name, state.texts, **body.output_options()),
                             len(prompts) * params.n, body.include_usage, state.engine,
                             sum(len(p) for p in prompts) if body.continuous_usage else None)

@@ -100,7 +100,7 @@ class _GenerationRequest(StructuredFields):
                        stop_token_ids=self.stop_token_ids,
                        include_stop_str_in_output=self.include_stop_str_in_output,
                        skip_special_tokens=self.skip_special_tokens, logprobs=self._logprobs(),
-                       structured_outputs=self.constraint()[0])
+                       prompt_logprobs=self._prompt_logprobs(), structured_outputs=self.constraint()[0])
         options = {k: v for k, v in options.items() if v is not None}
         try:
             params = SamplingParams.with_defaults({**limits.sampling_defaults, "max_tokens": max_tokens}, **options)
@@ -145,6 +145,23 @@ class _GenerationRequest(StructuredFields):
     def _logprobs(self) -> int | None:
         raise NotImplementedError
 
+    def _prompt_logprobs(self) -> int | None:
+        return None
+
+    @property
+    def echoes(self) -> bool:
+        """The choices start with the prompt (completions' echo)."""
+        return False
+
+    @property
+    def lists_prompt_logprobs(self) -> bool:
+        """The choices carry vLLM's prompt_logprobs (completions' field of that name)."""
+        return False
+
+    def echoed_prompts(self, prompts: list[list[int]], tokenizer: Tokenizer) -> list[str] | None:
+        """The prompt texts the choices start with, or None."""
+        return None
+
 
 class CompletionRequest(_GenerationRequest):
     """POST /v1/completions."""
@@ -156,12 +173,10 @@ class CompletionRequest(_GenerationRequest):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    prompt_logprobs: int | None = None     # vLLM's extra: listed as the choice's prompt_logprobs
 
     def prompt_token_ids(self, tokenizer: Tokenizer, limits: EngineLimits) -> list[list[int]]:
-        if self.echo:
-            raise invalid("echo is not supported", "echo")
-        single = isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int))
-        prompts = [self.prompt] if single else self.prompt
+        prompts = self._prompt_list()
         if not prompts:
             raise invalid("prompt must not be empty", "prompt")
         self._check_choices(len(prompts), limits)
@@ -175,6 +190,32 @@ class CompletionRequest(_GenerationRequest):
 
     def _logprobs(self) -> int | None:
         return self.logprobs
+
+    def _prompt_logprobs(self) -> int | None:
+        """echo with logprobs scores the prompt too (the legacy logprobs cover it: lm-eval's
+        loglikelihood); an explicit prompt_logprobs sets how many alternatives."""
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
+        return self.logprobs if self.echo else None
+
+    @property
+    def echoes(self) -> bool:
+        return self.echo
+
+    @property
+    def lists_prompt_logprobs(self) -> bool:
+        return self.prompt_logprobs is not None
+
+    def echoed_prompts(self, prompts: list[list[int]], tokenizer: Tokenizer) -> list[str] | None:
+        """Prompt strings as sent; token-id prompts decoded, special tokens kept."""
+        if not self.echo:
+            return None
+        return [p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False)
+                for p, ids in zip(self._prompt_list(), prompts)]
+
+    def _prompt_list(self) -> list[str | list[int]]:
+        single = isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int))
+        return [self.prompt] if single else self.prompt
 
 
 class TextPart(_Body):

@@ -3,7 +3,8 @@
 A DeltaTracker turns the engine's cumulative outputs into per-choice deltas. While a choice runs it
 holds back the last (longest stop string - 1) characters, which a stop string found on a later
 token could still cut away, so the streamed deltas always add up to the final text. A non-streamed
-response is the same thing in one step: a fresh tracker over the final outputs.
+response is the same thing in one step: a fresh tracker over the final outputs. With echo (or
+vLLM's prompt_logprobs), a choice's first delta also carries the prompt, once it is computed.
 """
 
 from __future__ import annotations
@@ -20,23 +21,42 @@ from ponder.server.chat_output import ChoiceParser, Parsed
 
 
 @dataclass
+class PromptEcho:
+    """The prompt a completion choice starts with (echo): its text, and with logprobs its tokens
+    and their logprobs (entry 0 None: nothing predicts the first token)."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[Logprob | None] | None
+
+
+@dataclass
 class ChoiceDelta:
     index: int                       # prompt index x n + completion index
     text: str
     logprobs: list[Logprob] | None   # of the tokens new in this delta; None when not requested
     finish_reason: str | None
     stop_reason: str | int | None
+    # a choice's first delta only, once the prompt is computed: the echoed prompt, and vLLM's
+    # prompt_logprobs when the request set that field
+    echo: PromptEcho | None = None
+    prompt_logprobs: list[Logprob | None] | None = None
 
 
 class DeltaTracker:
-    def __init__(self, params: SamplingParams, num_prompts: int):
+    def __init__(self, params: SamplingParams, num_prompts: int, echo: list[str] | None = None,
+                 list_prompt_logprobs: bool = False):
+        """echo: per prompt, the text its choices start with (None: no echo);
+        list_prompt_logprobs: the first delta of each choice carries the prompt's logprobs."""
         self.n = params.n
         self.want_logprobs = params.logprobs is not None
         self.holdback = max((len(s) for s in params.stop_strings), default=1) - 1
+        self.echo, self.list_prompt_logprobs = echo, list_prompt_logprobs
         size = num_prompts * params.n
         self._text_sent = [0] * size
         self._tokens_sent = [0] * size
         self._finished = [False] * size
+        self._prompt_sent = [echo is None and not list_prompt_logprobs] * size   # True: nothing to send
 
     def deltas(self, outs: list[RequestOutput | None]) -> list[ChoiceDelta]:
         found = []
@@ -52,12 +72,27 @@ class DeltaTracker:
                 if self.want_logprobs:
                     logprobs = (c.logprobs or [])[self._tokens_sent[i]:]
                     self._tokens_sent[i] += len(logprobs)
-                if not (text or logprobs or finished):
+                # the prompt goes with the first token: by then all of it is computed and scored
+                prompt = not self._prompt_sent[i] and bool(c.token_ids or finished)
+                if not (text or logprobs or finished or prompt):
                     continue
                 self._text_sent[i] = end
                 self._finished[i] = finished
-                found.append(ChoiceDelta(i, text, logprobs, c.finish_reason, c.stop_reason))
+                delta = ChoiceDelta(i, text, logprobs, c.finish_reason, c.stop_reason)
+                if prompt:
+                    self._prompt_sent[i] = True
+                    self._add_prompt(delta, p, out)
+                found.append(delta)
         return found
+
+    def _add_prompt(self, delta: ChoiceDelta, p: int, out: RequestOutput) -> None:
+        # a request that ended before its prompt was computed has logprobs for a part of it only
+        scored = out.prompt_logprobs or []
+        scored = scored + [None] * (len(out.prompt_token_ids) - len(scored))
+        if self.echo is not None:
+            delta.echo = PromptEcho(self.echo[p], out.prompt_token_ids, scored if self.want_logprobs else None)
+        if self.list_prompt_logprobs:
+            delta.prompt_logprobs = scored
 
 
 def usage(outs: list[RequestOutput]) -> dict:
@@ -122,25 +157,45 @@ class CompletionRenderer(Renderer):
         self._text_offsets: dict[int, int] = {}     # choice -> characters of the tokens rendered so far
 
     def choice(self, delta: ChoiceDelta) -> dict:
-        return {"index": delta.index, "text": delta.text, "logprobs": self._logprobs(delta),
-                "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}
+        body = {"index": delta.index, "text": (delta.echo.text if delta.echo else "") + delta.text,
+                "logprobs": self._logprobs(delta), "finish_reason": delta.finish_reason,
+                "stop_reason": delta.stop_reason}
+        if delta.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self._prompt_logprobs(delta.prompt_logprobs)
+        return body
 
     def _logprobs(self, delta: ChoiceDelta) -> dict | None:
-        """The legacy shape: the chosen token's logprob, and the top alternatives with it."""
+        """The legacy shape: the chosen token's logprob, and the top alternatives with it; with
+        echo, the prompt's tokens first (the first with null logprobs, as OpenAI and vLLM)."""
         if delta.logprobs is None:
             return None
+        entries = [(lp.token_id, lp) for lp in delta.logprobs]
+        if delta.echo is not None and delta.echo.logprobs is not None:
+            entries = list(zip(delta.echo.token_ids, delta.echo.logprobs)) + entries
         text = self.texts.text
         tokens, chosen, tops, offsets = [], [], [], []
         offset = self._text_offsets.get(delta.index, 0)
-        for lp in delta.logprobs:
-            token = text(lp.token_id)
+        for token_id, lp in entries:
+            token = text(token_id)
             tokens.append(token)
-            chosen.append(_finite(lp.logprob))
-            tops.append({text(t): _finite(v) for t, v in {**lp.top, lp.token_id: lp.logprob}.items()})
+            chosen.append(None if lp is None else _finite(lp.logprob))
+            tops.append(None if lp is None else
+                        {text(t): _finite(v) for t, v in {**lp.top, lp.token_id: lp.logprob}.items()})
             offsets.append(offset)
             offset += len(token)
         self._text_offsets[delta.index] = offset
         return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": offsets}
+
+    def _prompt_logprobs(self, entries: list[Logprob | None]) -> list[dict | None]:
+        """vLLM's shape: per prompt token, None for the first, else token id -> logprob, rank and
+        decoded text, over the top alternatives and the prompt's own token."""
+        return [None if lp is None else self._ranked(lp) for lp in entries]
+
+    def _ranked(self, lp: Logprob) -> dict:
+        ranked = {t: (v, k + 1) for k, (t, v) in enumerate(lp.top.items())}
+        ranked[lp.token_id] = (lp.logprob, lp.rank)
+        return {str(t): {"logprob": _finite(v), "rank": r, "decoded_token": self.texts.text(t)}
+                for t, (v, r) in ranked.items()}
 
 
 class ChatRenderer(Renderer):

@@ -50,7 +50,8 @@ def _bad_requests() -> list[tuple[str, bytes | dict, object]]:
     for path in (COMPLETIONS, CHAT):
         for field, values in [*wrong_types.items(), *out_of_range.items()]:
             cases += [(path, {**_base(path), field: v}, field) for v in values]
-        for field in ("foo", "tools", "functions", "response_format", "best_of", "suffix", "prompt_logprobs"):
+        for field in ("foo", "tools", "functions", "response_format", "best_of", "suffix") + (
+                ("prompt_logprobs", "echo") if path == CHAT else ()):
             cases.append((path, {**_base(path), field: 1}, field))
         cases += [(path, {**_base(path), "model": "gpt-4"}, "model")]
         for raw in (b"", b"{", b"null", b"[]", b'"text"', b"42", b'{"prompt": }', b"{prompt: 1}",
@@ -60,7 +61,10 @@ def _bad_requests() -> list[tuple[str, bytes | dict, object]]:
     cases += [(COMPLETIONS, {"prompt": p, "max_tokens": 1}, "prompt")
               for p in ("", [], [[]], [-1], [10**9], [1.5], [[1], ["a"]], None, {"a": 1},
                         "hello " * 9000, [100] * 9000, ["hi"] * 100)]
-    cases += [(COMPLETIONS, {"max_tokens": 1}, "prompt"), (COMPLETIONS, {**_base(COMPLETIONS), "echo": True}, "echo"),
+    cases += [(COMPLETIONS, {"max_tokens": 1}, "prompt"), (COMPLETIONS, {**_base(COMPLETIONS), "echo": 1}, "echo"),
+              (COMPLETIONS, {**_base(COMPLETIONS), "prompt_logprobs": 21}, "prompt_logprobs"),
+              (COMPLETIONS, {**_base(COMPLETIONS), "prompt_logprobs": True}, "prompt_logprobs"),
+              (COMPLETIONS, {**_base(COMPLETIONS), "echo": True, "logprobs": 21}, "logprobs"),
               (COMPLETIONS, {**_base(COMPLETIONS), "logprobs": 21}, "logprobs"),
               (COMPLETIONS, {**_base(COMPLETIONS), "logprobs": -1}, "logprobs"),
               (COMPLETIONS, {**_base(COMPLETIONS), "logprobs": True}, "logprobs")]
