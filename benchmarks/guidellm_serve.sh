@@ -85,7 +85,7 @@ trap stop_server EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-serve_args=(serve --host 127.0.0.1 --port "$PORT" --max-num-seqs "$MAX_NUM_SEQS")
+serve_args=(serve --host 127.0.0.1 --port "$PORT" --max-num-seqs "$MAX_NUM_SEQS" --access-log)
 [[ -n "$MODEL" ]] && serve_args+=(--model "$MODEL")
 # shellcheck disable=SC2206
 [[ -n "${EXTRA_SERVE_ARGS:-}" ]] && serve_args+=($EXTRA_SERVE_ARGS)
@@ -124,6 +124,44 @@ set +e
 gl_rc=${PIPESTATUS[0]}
 set -e
 
+# guidellm records neither the body nor the server's answer of a failed request, and ponder does
+# not log 4xx bodies: if any request errored, replay one request of the same shape while the
+# server is still up and keep its answer (status and body) in $PROBE_LOG.
+PROBE_LOG="${SERVER_LOG%.log}-probe.txt"
+rm -f "$PROBE_LOG"
+if [[ -s "$OUT" ]]; then
+    "$GUIDELLM_PY" - "$OUT" "$BASE" "$REQUEST_FORMAT" "$SERVED_MODEL" "$PROMPT_TOKENS" "$OUTPUT_TOKENS" \
+        "$PROBE_LOG" <<'EOF' || true
+import json, sys, urllib.error, urllib.request
+out, base, fmt, model, prompt_tokens, output_tokens, probe_log = sys.argv[1:]
+report = json.load(open(out))
+if not any(b["metrics"]["request_totals"].get("errored") for b in report.get("benchmarks", [])):
+    sys.exit(0)
+text = " ".join(["word"] * int(prompt_tokens))
+# The body guidellm 0.8 sends (backends/openai/request_handlers.py), None fields dropped.
+body = {"model": model, "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+if fmt == "/v1/completions":
+    body.update(max_tokens=int(output_tokens), ignore_eos=True, prompt=text)
+else:
+    body.update(max_completion_tokens=int(output_tokens), ignore_eos=True,
+                messages=[{"role": "user", "content": [{"type": "text", "text": text}]}])
+req = urllib.request.Request(base + fmt, json.dumps(body).encode(), {"Content-Type": "application/json"})
+try:
+    with urllib.request.urlopen(req, timeout=120) as r:
+        status, answer = r.status, r.read(2000).decode(errors="replace")
+except urllib.error.HTTPError as e:
+    status, answer = e.code, e.read().decode(errors="replace")
+except Exception as e:  # noqa: BLE001
+    status, answer = None, repr(e)
+short = text[:40] + "..."
+shown = dict(body, **({"prompt": short} if "prompt" in body else
+                      {"messages": [{"role": "user", "content": [{"type": "text", "text": short}]}]}))
+with open(probe_log, "w") as f:
+    f.write(f"POST {base}{fmt}\nbody: {json.dumps(shown)}\nstatus: {status}\nanswer: {answer[:2000]}\n")
+EOF
+fi
+
 stop_server
 echo "server stopped; its log: $SERVER_LOG"
 
@@ -132,10 +170,10 @@ if [[ $gl_rc -ne 0 || ! -s "$OUT" ]]; then
     exit 4
 fi
 
-"$GUIDELLM_PY" - "$OUT" "$SERVER_LOG" <<'EOF'
-import json, sys
+"$GUIDELLM_PY" - "$OUT" "$SERVER_LOG" "$PROBE_LOG" <<'EOF'
+import json, os, sys
 
-path, server_log = sys.argv[1], sys.argv[2]
+path, server_log, probe_log = sys.argv[1:4]
 report = json.load(open(path))
 benchmarks = report.get("benchmarks") or []
 if not benchmarks:
@@ -176,5 +214,9 @@ for b in benchmarks:
         for msg in msgs[:5]:
             print(f"  error: {str(msg)[:300]}")
         print(f"  (see the server log: {server_log})")
+if errored_total and os.path.exists(probe_log):
+    print(f"replayed one request of the same shape ({probe_log}):")
+    for line in open(probe_log):
+        print("  " + line.rstrip()[:600])
 sys.exit(1 if errored_total else 0)
 EOF

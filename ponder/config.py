@@ -12,6 +12,7 @@ WEIGHT_FORMATS = ("native", "q8_0", "q4_0", "fp32")
 KV_CACHE_DTYPES = ("fp16", "fp32")
 DTYPES = ("float32", "bfloat16", "float16")
 SAMPLING_DEFAULT_SOURCES = ("model", "ponder", "none")   # see ponder/sampling_params.py
+SPECULATIVE_METHODS = ("ngram",)
 
 
 def _option(default, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None):
@@ -52,12 +53,26 @@ class EngineConfig:
                                               "sampling over ponder's), ponder (temperature 0.8, top-k 40, top-p "
                                               "0.95, min-p 0.05), none (temperature 1, no truncation)",
                                      choices=SAMPLING_DEFAULT_SOURCES)
+    speculative_method: str | None = _option(None, "speculative decoding: ngram (prompt lookup); default: none",
+                                             choices=SPECULATIVE_METHODS)
+    num_speculative_tokens: int = _option(4, "most draft tokens verified per sequence and step")
+    prompt_lookup_min: int = _option(1, "ngram: shortest suffix looked up")
+    prompt_lookup_max: int = _option(3, "ngram: longest suffix looked up")
+    speculative_disable_by_batch_size: int = _option(4, "no drafts while more sequences than this decode "
+                                                        "(a step is compute-bound then)")
     cache_dir: str = field(default_factory=lambda: os.environ.get(
         "PONDER_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "ponder")),
         metadata={"help": "where converted weights and built kernels are kept ($PONDER_CACHE_DIR)"})
 
     def __post_init__(self) -> None:
-        _positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens")
+        _positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens",
+                  "prompt_lookup_min", "prompt_lookup_max", "speculative_disable_by_batch_size")
+        if self.speculative_method is not None and self.speculative_method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, "
+                             f"got {self.speculative_method!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) must be <= prompt_lookup_max "
+                             f"({self.prompt_lookup_max})")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory_gb <= 0:

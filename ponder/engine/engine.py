@@ -16,6 +16,7 @@ from ponder.engine.probes import ProbeExtension
 from ponder.engine.scheduler import SchedulerOutput
 from ponder.engine.sequence import Action, Control, Request, Sequence, SequenceStatus
 from ponder.engine.setup import build_parts
+from ponder.engine.speculation import Speculation
 from ponder.engine.structured import GrammarMask, Grammars
 from ponder.layers.sampler import SamplerExtension, SamplerOutput, SamplingBatch, sample
 from ponder.model.loader import LoadedModel, weight_stats
@@ -51,6 +52,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self.grammars = Grammars(self.tokenizer.to_json(), self.vocab_size, self.eos_token_ids, torch.get_num_threads())
         self.sampler_extensions: tuple[SamplerExtension, ...] = (ProbeExtension(), GrammarMask(self.grammars))
+        self.speculation = Speculation(config.speculative_method, config.num_speculative_tokens,
+                                       config.prompt_lookup_min, config.prompt_lookup_max,
+                                       config.speculative_disable_by_batch_size, self.max_model_len)
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
@@ -113,8 +117,12 @@ class LLMEngine:
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, execute, sample, post-process. Returns outputs of the requests that progressed."""
+        """Schedule, execute, sample, post-process. Returns outputs of the requests that progressed.
+        With speculative decoding, sequences draft tokens before scheduling and verify them in the
+        same forward (engine/speculation.py)."""
+        self.speculation.propose(self.scheduler.running)
         plan = self.scheduler.schedule()
+        self.speculation.trim(plan.chunks)
         touched = self._settle_unscheduled(plan)
         if plan.chunks:
             seqs, logits = self._execute(plan)
@@ -155,18 +163,28 @@ class LLMEngine:
         for extension in self.sampler_extensions:   # token masks are filled while the model runs
             extension.before_forward([s for s in sampling if not _forks_now(s)])
         scoring = prompt_logprobs.score_ranges(plan.chunks)   # positions that score a prompt
-        logits = self.runner.execute(chunks, rows, scoring)
+        verifying = self.speculation.ranges(plan.chunks)      # positions that verify drafts
+        logits = self.runner.execute(chunks, rows, scoring + verifying)
+        scored_end = len(rows) + sum(end - first for _, first, end in scoring)
         if scoring:
-            prompt_logprobs.record(plan.chunks, scoring, logits[len(rows):])
-            logits = logits[:len(rows)]
+            prompt_logprobs.record(plan.chunks, scoring, logits[len(rows):scored_end])
+        verify_logits, logits = logits[scored_end:], logits[:len(rows)]
         self._account(plan)
-        return self._fork_new_groups(sampling, logits)
+        seqs, logits = self._fork_new_groups(sampling, logits)
+        if verifying:       # each verified position is one more row to sample
+            seqs = seqs + self.speculation.rows(plan.chunks, verifying)
+            logits = torch.cat([logits, verify_logits])
+        return seqs, logits
 
     def _post_process(self, seqs: list[Sequence], out: SamplerOutput) -> None:
-        """Append each row's token (detokenize, check stops) or record its probe; end what is done."""
+        """Append each row's token (detokenize, check stops), or a drafting sequence's accepted
+        tokens, or record a probe; end what is done."""
         probes = out.extras.get(ProbeExtension.name, {})
+        verified = self.speculation.drawn(seqs, out.token_ids, out.logprobs)
         now = time.monotonic()
         for row, (seq, token, logprob) in enumerate(zip(seqs, out.token_ids, out.logprobs)):
+            if not isinstance(seq, Sequence):
+                continue                       # a verified position: taken with its sequence below
             if row in probes:
                 seq.control.probe_logprobs = probes[row]
                 seq.num_computed_tokens -= 1   # nothing sampled: its next run recomputes the last token
@@ -174,16 +192,41 @@ class LLMEngine:
                 continue
             if seq.request.first_token_time is None:
                 seq.request.first_token_time = now
-            if logprob is not None:
-                seq.logprobs = (seq.logprobs or []) + [logprob]
-            process_token(seq, token, self.tokenizer, self.eos_token_ids, self.max_model_len)
-            seq.last_sampled_pos = seq.num_tokens - 1
-            seq.request.tokens_generated += 1
-            self.stats_.generation_tokens += 1
+            if seq.num_draft:
+                self._accept(seq, verified[id(seq)] + [(token, logprob)])
+            else:
+                self._append_token(seq, token, logprob)
             if seq.control is not None and (seq.finish_reason is not None or seq.control.stop_reason is not None):
                 self.scheduler.park(seq)   # the program frees it when it is done with it
             elif seq.finish_reason is not None:
                 self.scheduler.finish(seq)
+
+    def _append_token(self, seq: Sequence, token: int, logprob) -> None:
+        if logprob is not None:
+            seq.logprobs = (seq.logprobs or []) + [logprob]
+        process_token(seq, token, self.tokenizer, self.eos_token_ids, self.max_model_len)
+        seq.last_sampled_pos = seq.num_tokens - 1
+        seq.request.tokens_generated += 1
+        self.stats_.generation_tokens += 1
+
+    def _accept(self, seq: Sequence, drawn: list[tuple[int, object]]) -> None:
+        """Keep `seq`'s drafts while each equals the token drawn at its position, append the
+        drawn tokens up to the first that differs (or the bonus one after a fully accepted
+        draft), and roll the KV back to the accepted length; then register its full blocks."""
+        last = seq.num_tokens - seq.num_draft - 1          # position of the last real token
+        draft = self.speculation.take_drafts(seq)
+        accepted = 0
+        for token, logprob in drawn:
+            self._append_token(seq, token, logprob)
+            ended = seq.finish_reason is not None or (seq.control is not None and seq.control.stop_reason is not None)
+            if ended or accepted == len(draft) or token != draft[accepted]:
+                break
+            accepted += 1
+        self.speculation.record(seq, len(draft), accepted)
+        # KV holds positions up to last + accepted (the matching drafts); one token stays to compute
+        seq.num_computed_tokens = min(last + 1 + accepted, seq.num_tokens - 1)
+        self.kv.trim(seq)
+        self.kv.commit_computed(seq)
 
     def _account_prefix_hits(self, plan: SchedulerOutput) -> None:
         for seq, hit in plan.prefix_hits:
@@ -202,9 +245,11 @@ class LLMEngine:
             seq.request.tokens_prefilled += ch.num_tokens - (start <= seq.last_sampled_pos < end)
             prompt_part = max(0, min(end, seq.num_prompt_tokens) - start)
             st.prompt_tokens += prompt_part
-            st.recomputed_tokens += max(0, min(end, seq.num_tokens - 1) - max(start, seq.num_prompt_tokens))
+            real_end = min(end, seq.num_tokens - seq.num_draft - 1)   # drafts are not recomputed tokens
+            st.recomputed_tokens += max(0, real_end - max(start, seq.num_prompt_tokens))
             seq.num_computed_tokens = end
-            self.kv.commit_computed(seq)
+            if not seq.num_draft:          # a drafting sequence registers its blocks once verified
+                self.kv.commit_computed(seq)
 
     def _fork_new_groups(self, seqs: list[Sequence], logits: torch.Tensor):
         """A request with n > 1 forks its prompt sequence at the first sample: children share its KV."""
@@ -335,6 +380,9 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "steps": st.steps,
+            "spec_draft_tokens": self.speculation.stats.drafted,
+            "spec_accepted_tokens": self.speculation.stats.accepted,
+            "spec_verified_seqs": self.speculation.stats.verified_seqs,
             "max_batch_seqs": st.max_batch_seqs,
         }
 

@@ -161,6 +161,14 @@ class KVCacheManager:
             seq.block_hashes.append(h)
             self.pool.register(seq.block_table[len(seq.block_hashes) - 1], h)
 
+    def trim(self, seq) -> None:
+        """Free the blocks past `seq`'s tokens (those a rejected draft was written into); a block
+        past the tokens was allocated for them this step, so nothing else holds it."""
+        keep = -(-seq.num_tokens // self.block_size)
+        if len(seq.block_table) > keep:
+            self.pool.release(reversed(seq.block_table[keep:]))
+            del seq.block_table[keep:]
+
     def fork(self, parent, child) -> None:
         """`child` shares every block of `parent`, the partial last one included."""
         for block in parent.block_table:

@@ -77,6 +77,8 @@ class Sequence:
     stop_reason: str | int | None = None
     control: Control | None = None           # set while a program (think) drives this sequence
     matcher: object | None = None            # structured output: an llguidance matcher at this point of the text
+    num_draft: int = 0                       # trailing tokens that are drafts being verified this step
+    spec_k: int = 0                          # draft length to try next (adapted to acceptance; 0: unset)
     last_sampled_pos: int = -1               # position of the latest sampled token (usage accounting)
 
     @property
@@ -131,6 +133,8 @@ class Request:
     tokens_reused: int = 0                   # tokens whose KV was reused: prefix-cache hits, fork sharing
     tokens_generated: int = 0                # tokens sampled
     next_index: int = 1                      # completion index of the next fork (never reused)
+    spec_drafted: int = 0                    # speculative decoding: draft tokens verified, and accepted
+    spec_accepted: int = 0
     first_token_time: float | None = None
     error: str | None = None
     # with params.prompt_logprobs: one entry per prompt token scored so far (None for the first,

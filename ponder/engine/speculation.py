@@ -1,0 +1,151 @@
+"""Speculative decoding inside the engine step: draft, verify in the same forward, accept exactly.
+
+Before scheduling, `propose` appends up to k draft tokens to each decoding sequence that can use
+them (`seq.num_draft` says how many of its tokens are provisional), so the scheduler plans one chunk
+of 1 + k tokens for it, mixed with ordinary decodes and prefill chunks. After scheduling, `trim`
+takes back the drafts the plan could not fit (a smaller chunk, a preemption).
+
+The runner returns logits at every position of those chunks (`ranges`), and each position is
+sampled as the sequence cut there would be (`rows`): the same seed, the same step index, the same
+penalty history. With the bitwise batch invariance of the kernels, the token drawn at a position is
+exactly the token plain decoding would draw there — greedy or seeded — so accepting drafts while
+they equal the drawn tokens changes no output (`accept`). The KV is then rolled back to the
+accepted length: blocks past it are freed, and only then are full blocks registered in the prefix
+index, so a block holding an unverified draft never enters it.
+
+Adaptive: each sequence's draft length grows by one after a fully accepted draft and halves after a
+fully rejected one (LLMCad's fallback); nothing is drafted when more sequences decode than
+`disable_by_batch_size` (a step is then compute-bound and a draft costs what it saves).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ponder.engine.scheduler import ScheduledChunk
+from ponder.engine.sequence import Action, Sequence, SequenceStatus
+from ponder.spec.ngram import propose_ngram
+
+
+@dataclass
+class SpeculationStats:
+    drafted: int = 0          # draft tokens verified
+    accepted: int = 0         # of those, accepted
+    verified_seqs: int = 0    # sequence-steps that verified a draft (the mean accepted length's denominator)
+
+
+class _Prefix:
+    """A sequence cut after `length` tokens, as the sampler sees a row: what a verified position
+    is sampled as."""
+
+    matcher = None
+    control = None
+
+    def __init__(self, seq: Sequence, length: int):
+        self.seq, self.length = seq, length
+        self.params, self.seed, self.num_prompt_tokens = seq.params, seq.seed, seq.num_prompt_tokens
+        self.token_ids = seq.token_ids[:length]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.length - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+
+class Speculation:
+    def __init__(self, method: str | None, num_tokens: int, min_n: int, max_n: int,
+                 disable_by_batch_size: int, max_model_len: int):
+        self.method, self.num_tokens = method, num_tokens
+        self.min_n, self.max_n = min_n, max_n
+        self.disable_by_batch_size, self.max_model_len = disable_by_batch_size, max_model_len
+        self.stats = SpeculationStats()
+        self._drafted: list[Sequence] = []
+
+    # -- before the forward ----------------------------------------------------------------------
+    def propose(self, running: list[Sequence]) -> None:
+        """Append draft tokens to the running sequences that can verify them this step."""
+        self._drafted = []
+        if self.method is None or len(running) > self.disable_by_batch_size:
+            return
+        for seq in running:
+            k = self._budget(seq)
+            if k < 1:
+                continue
+            draft = propose_ngram(seq.token_ids, k, self.min_n, self.max_n)
+            if draft:
+                seq.token_ids.extend(draft)
+                seq.num_draft = len(draft)
+                self._drafted.append(seq)
+
+    def _budget(self, seq: Sequence) -> int:
+        """How many tokens `seq` may draft now: 0 unless it is decoding plainly (its one new token
+        uncomputed, no grammar, not forking, not a think probe or prefill), at most what its
+        max_tokens and the context leave after the token the verification draws itself."""
+        if (seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed != 1 or seq.matcher is not None
+                or (seq.control is not None and seq.control.action is not Action.GENERATE)
+                or (seq.params.n > 1 and len(seq.request.seqs) == 1)):
+            return 0
+        if seq.spec_k == 0:
+            seq.spec_k = self.num_tokens
+        room = self.max_model_len - seq.num_tokens - 1
+        if seq.params.max_tokens is not None:
+            room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
+        return min(seq.spec_k, room)
+
+    def trim(self, chunks: list[ScheduledChunk]) -> None:
+        """Take back the drafts the plan did not fit: all of a sequence not scheduled (or
+        preempted), the tail beyond a chunk cut short by the token budget."""
+        scheduled = {id(ch.seq): ch.num_tokens for ch in chunks}
+        for seq in self._drafted:
+            fits = scheduled.get(id(seq), 0) - 1 if seq.status is SequenceStatus.RUNNING else 0
+            drop = seq.num_draft - max(0, min(seq.num_draft, fits))
+            if drop:
+                del seq.token_ids[len(seq.token_ids) - drop:]
+                seq.num_draft -= drop
+        self._drafted = [s for s in self._drafted if s.num_draft]
+
+    def ranges(self, chunks: list[ScheduledChunk]) -> list[tuple[int, int, int]]:
+        """(chunk index, first, end) of the positions whose logits verify drafts: every position of
+        a drafting sequence's chunk but its last (the row sampled anyway)."""
+        return [(i, ch.num_tokens - 1 - ch.seq.num_draft, ch.num_tokens - 1)
+                for i, ch in enumerate(chunks) if ch.seq.num_draft]
+
+    def rows(self, chunks: list[ScheduledChunk], ranges: list[tuple[int, int, int]]) -> list[_Prefix]:
+        """The sampler's rows for `ranges`' logits, in order: each position as the sequence cut there."""
+        rows = []
+        for i, first, end in ranges:
+            seq = chunks[i].seq
+            base = seq.num_tokens - seq.num_draft          # tokens up to and including the last real one
+            rows += [_Prefix(seq, base + p) for p in range(end - first)]
+        return rows
+
+    # -- after the sampler ----------------------------------------------------------------------
+    @staticmethod
+    def drawn(rows: list, tokens: list[int], logprobs: list) -> dict[int, list[tuple[int, object]]]:
+        """Per drafting sequence (by id), the tokens drawn at its verified positions, in order."""
+        found: dict[int, list[tuple[int, object]]] = {}
+        for row, token, logprob in zip(rows, tokens, logprobs):
+            if isinstance(row, _Prefix):
+                found.setdefault(id(row.seq), []).append((token, logprob))
+        return found
+
+    def take_drafts(self, seq: Sequence) -> list[int]:
+        """Remove `seq`'s drafts from its tokens (they are appended again as they are accepted)."""
+        draft = seq.token_ids[len(seq.token_ids) - seq.num_draft:]
+        del seq.token_ids[len(seq.token_ids) - seq.num_draft:]
+        seq.num_draft = 0
+        return draft
+
+    def record(self, seq: Sequence, drafted: int, accepted: int) -> None:
+        """Count a verification and adapt the sequence's draft length to it."""
+        st = self.stats
+        st.drafted, st.accepted, st.verified_seqs = st.drafted + drafted, st.accepted + accepted, st.verified_seqs + 1
+        seq.request.spec_drafted += drafted
+        seq.request.spec_accepted += accepted
+        if accepted == drafted:
+            seq.spec_k = min(seq.spec_k + 1, self.num_tokens)
+        elif accepted == 0:
+            seq.spec_k = max(1, seq.spec_k // 2)

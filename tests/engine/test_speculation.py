@@ -1,0 +1,142 @@
+"""Speculative decoding (n-gram prompt lookup) changes no output: greedy and seeded tokens and
+their logprobs are identical with and without it, under small token budgets, preemption, and
+speculation switching on and off with the batch size; rejected drafts leave no KV behind."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ponder import SamplingParams
+from ponder.llm import LLM
+from ponder.spec.ngram import propose_ngram
+
+
+def test_ngram_proposes_what_followed_the_latest_match():
+    assert propose_ngram([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 3) == [7, 8, 1]
+    assert propose_ngram([5, 6, 7, 5], 2) == [6, 7]                       # a one-token suffix
+    assert propose_ngram([1, 2, 3, 4], 4) == []                           # nothing repeats
+    assert propose_ngram([4, 4, 4, 4], 2, min_n=1, max_n=3) == [4]        # the latest match, one left after it
+    assert propose_ngram([1, 2, 1, 2], 0) == []
+
+
+def _prompts(n: int, seed: int) -> list[list[int]]:
+    """Prompts with repeats in them (what n-gram lookup feeds on) and without."""
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(n):
+        piece = [rng.randrange(256) for _ in range(rng.randint(2, 8))]
+        prompts.append(piece * rng.randint(1, 5) + [rng.randrange(256) for _ in range(rng.randint(0, 6))])
+    return prompts
+
+
+def _params(n: int, seed: int) -> list[SamplingParams]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = i % 4
+        common = dict(max_tokens=rng.randint(4, 40), logprobs=rng.choice([None, 0, 2]))
+        if kind == 0:
+            out.append(SamplingParams(temperature=0.0, ignore_eos=True, **common))
+        elif kind == 1:
+            out.append(SamplingParams(temperature=1.0, top_p=0.9, seed=1000 + i, ignore_eos=True, **common))
+        elif kind == 2:
+            out.append(SamplingParams(temperature=0.7, top_k=8, seed=2000 + i, repetition_penalty=1.1,
+                                      presence_penalty=0.3, **common))
+        else:
+            out.append(SamplingParams(temperature=0.0, stop=["a"], min_tokens=2, **common))
+    return out
+
+
+def _outputs(engine, prompts, params):
+    outs = LLM.from_engine(engine).generate(prompts, params)
+    return [[(c.token_ids, c.text, c.finish_reason, [(lp.token_id, lp.logprob, lp.top) for lp in c.logprobs or []])
+             for c in o.outputs] for o in outs]
+
+
+@pytest.mark.parametrize("options", [{}, {"max_num_batched_tokens": 6}, {"num_kv_blocks": 40}],
+                         ids=["roomy", "tiny-budget", "preempting"])
+def test_outputs_and_logprobs_are_identical_with_speculation(make_tiny_engine, options):
+    prompts, params = _prompts(32, seed=1), _params(32, seed=2)
+    base = dict(weights="q8_0", **options)   # the int8 kernels: a row's arithmetic never depends on the batch
+    plain = make_tiny_engine(**base)
+    spec = make_tiny_engine(speculative_method="ngram", num_speculative_tokens=4,
+                            speculative_disable_by_batch_size=64, **base)
+    assert _outputs(spec, prompts, params) == _outputs(plain, prompts, params)
+    stats = spec.stats()
+    assert stats["spec_draft_tokens"] > 50 and 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+    if "num_kv_blocks" in options:
+        assert stats["preemptions"] > 0
+    spec.pool.check_empty()
+
+
+def test_switching_speculation_on_and_off_with_the_batch_changes_nothing(make_tiny_engine):
+    """Requests arrive and finish over time; with a disable threshold of 3 the batch crosses it
+    both ways, so sequences verify drafts in some steps and decode plainly in others."""
+    prompts, params = _prompts(16, seed=5), [SamplingParams(temperature=1.0, seed=300 + i, max_tokens=10 + 3 * i,
+                                                            ignore_eos=True) for i in range(16)]
+
+    def staggered(engine):
+        results, pending = {}, list(zip(prompts, params))
+        while pending or engine.has_unfinished_requests():
+            if pending and len(engine.scheduler.running) < 5:
+                prompt, sp = pending.pop(0)
+                engine.add_request(prompt, sp, request_id=str(len(prompts) - len(pending)))
+            for out in engine.step():
+                if out.finished:
+                    results[out.request_id] = out.outputs[0].token_ids
+        return [results[k] for k in sorted(results, key=int)]
+
+    plain = make_tiny_engine(weights="q8_0")
+    spec = make_tiny_engine(weights="q8_0", speculative_method="ngram", speculative_disable_by_batch_size=3)
+    assert staggered(spec) == staggered(plain)
+    assert spec.stats()["spec_verified_seqs"] > 0
+
+
+def test_random_add_abort_speculate_preempt_returns_every_block(make_tiny_engine):
+    rng = random.Random(3)
+    engine = make_tiny_engine(num_kv_blocks=24, block_size=4, max_num_seqs=6, max_num_batched_tokens=24,
+                              speculative_method="ngram", speculative_disable_by_batch_size=6, weights="q8_0")
+    live = []
+    for _ in range(1500):
+        r = rng.random()
+        if r < 0.25:
+            piece = [rng.randrange(256) for _ in range(rng.randint(1, 4))]
+            sp = SamplingParams(n=rng.choice([1, 1, 2]), temperature=rng.choice([0.0, 1.0]),
+                                max_tokens=rng.randint(1, 24), ignore_eos=True)
+            live.append(engine.add_request(piece * rng.randint(1, 6), sp).request_id)
+        elif r < 0.33 and live:
+            engine.abort_request(live.pop(rng.randrange(len(live))))
+        else:
+            for out in engine.step():
+                if out.finished and out.request_id in live:
+                    live.remove(out.request_id)
+        held = sum(engine.pool.ref_counts)
+        assert held == sum(len(s.block_table) for req in engine.requests.values() for s in req.seqs)
+        for req in engine.requests.values():
+            for s in req.seqs:
+                assert s.num_draft == 0 and len(s.block_table) <= -(-s.num_tokens // 4) + 1
+    while engine.has_unfinished_requests():
+        engine.step()
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+    engine.pool.check_empty()
+
+
+def test_rollback_across_a_block_boundary_leaves_the_shared_prefix_intact(make_tiny_engine):
+    """n = 3 siblings share the prompt's blocks; each drafts and is rejected across block
+    boundaries; their tokens equal those without speculation, and a later request for the same
+    prompt reuses the (untouched) prefix blocks and generates the same again."""
+    prompt = [7, 8, 9, 10, 11] * 5
+    params = SamplingParams(n=3, temperature=1.0, seed=9, max_tokens=30, ignore_eos=True)
+    plain = make_tiny_engine(weights="q8_0", block_size=4)
+    spec = make_tiny_engine(weights="q8_0", block_size=4, speculative_method="ngram",
+                            num_speculative_tokens=6, speculative_disable_by_batch_size=8)
+    want = _outputs(plain, [prompt], params)
+    assert _outputs(spec, [prompt], params) == want
+    drafted, accepted = spec.stats()["spec_draft_tokens"], spec.stats()["spec_accepted_tokens"]
+    assert drafted > accepted
+    assert _outputs(spec, [prompt], params) == want      # again, on the cached prefix
+    assert spec.stats()["prompt_tokens_cached"] > 0
+    spec.pool.check_empty()
