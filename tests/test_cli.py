@@ -19,6 +19,10 @@ SETTINGS = {"dtype": ("--dtype", "bfloat16", "bfloat16"), "block_size": ("--bloc
             "weights": ("--weights", "q8_0", "q8_0"), "kv_cache_dtype": ("--kv-cache-dtype", "fp32", "fp32"),
             "num_threads": ("--num-threads", "1", 1), "seed": ("--engine-seed", "7", 7),
             "sampling_defaults": ("--sampling-defaults", "ponder", "ponder"),
+            "speculative_method": ("--speculative-method", "ngram", "ngram"),
+            "num_speculative_tokens": ("--num-speculative-tokens", "3", 3),
+            "prompt_lookup_min": ("--prompt-lookup-min", "2", 2), "prompt_lookup_max": ("--prompt-lookup-max", "5", 5),
+            "speculative_disable_by_batch_size": ("--speculative-disable-by-batch-size", "2", 2),
             "cache_dir": ("--cache-dir", "/tmp/x", "/tmp/x")}
 
 
