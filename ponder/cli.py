@@ -17,6 +17,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     add_sampling_arguments(p)
 
 
+def _origins(value: str) -> list[str]:
+    return [origin.strip() for origin in value.split(",") if origin.strip()]
+
+
 def sampling_params(args, llm):
     from ponder import SamplingParams
 
@@ -66,16 +70,23 @@ def cmd_bench(args) -> int:
     return run(args)
 
 
-def cmd_serve(args) -> int:
+def server_config(args):
+    """`ponder serve`'s ServerConfig from its flags (and $PONDER_API_KEY)."""
     from ponder.server.app import ServerConfig
+
+    return ServerConfig(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("PONDER_API_KEY"),
+                        served_model_name=args.served_model_name,
+                        max_waiting_requests=None if args.max_waiting_requests < 0 else args.max_waiting_requests,
+                        drain_timeout=args.drain_timeout, log_level=args.log_level, access_log=args.access_log,
+                        allowed_origins=args.allowed_origins)
+
+
+def cmd_serve(args) -> int:
     from ponder.server.launch import serve
 
     if args.model_arg and args.model and args.model_arg != args.model:
         raise ValueError(f"two models given: {args.model_arg!r} and --model {args.model!r}")
-    config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("PONDER_API_KEY"),
-                          served_model_name=args.served_model_name,
-                          max_waiting_requests=None if args.max_waiting_requests < 0 else args.max_waiting_requests,
-                          drain_timeout=args.drain_timeout, log_level=args.log_level, access_log=args.access_log)
+    config = server_config(args)
     for sig in (signal.SIGTERM, signal.SIGINT):   # a shutdown signal is a clean exit once drained
         signal.signal(sig, lambda *_: sys.exit(0))
     serve(args.model_arg or args.model, engine_options(args), config)
@@ -114,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     srv.add_argument("--access-log", action="store_true", help="log every request")
+    srv.add_argument("--allowed-origins", action="extend", type=_origins, default=None, metavar="ORIGINS",
+                     help="web origins (e.g. https://app.example.com) whose pages may call the API (CORS); "
+                          "comma-separated or repeated; '*' allows any (default: none)")
     add_engine_arguments(srv)
     srv.set_defaults(func=cmd_serve)
     from ponder.bench.cli import add_parser as add_bench_parser

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from ponder.cli import build_parser
+from ponder.cli import build_parser, server_config
 from ponder.config import EngineConfig, engine_options
 
 # Every command that builds an engine (`bench serve` drives servers over HTTP: --ponder-args).
@@ -55,3 +55,12 @@ def test_engine_seed_and_request_seed_are_different_flags():
 def test_a_bad_choice_is_refused():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "hi", "--weights", "q2"])
+
+
+def test_allowed_origins_are_comma_separated_or_repeated():
+    def origins(*argv):
+        return server_config(build_parser().parse_args(["serve", *argv])).allowed_origins
+
+    assert origins() is None
+    assert origins("--allowed-origins", "https://a.example, http://localhost:3000",
+                   "--allowed-origins", "*") == ["https://a.example", "http://localhost:3000", "*"]

@@ -82,7 +82,10 @@ class Grammars:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         tokenizer, _ = self._ll()
-        grammar = _grammar_text(constraint)
+        try:
+            grammar = _grammar_text(constraint)
+        except ValueError as e:         # llguidance's GBNF converter raises on what it cannot read
+            raise InvalidOption(constraint.kind, f"invalid {constraint.kind}: {e}") from None
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
         if is_error:
             raise InvalidOption(constraint.kind, f"invalid {constraint.kind}: {messages[0] if messages else 'rejected'}")

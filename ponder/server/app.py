@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP API: FastAPI routes over an AsyncEngine.
 
-POST /v1/completions and /v1/chat/completions (streamed as server-sent events or not; a chat
-request with a "ponder" object runs a think strategy, see think.py), GET /v1/models, /health and
-/metrics. Every error has the OpenAI shape (see errors.py).
+POST /v1/completions and /v1/chat/completions (streamed as server-sent events or not, see
+generation.py; a chat request with a "ponder" object runs a think strategy, see think.py), GET
+/v1/models, vLLM's POST /tokenize and /detokenize, /health and /metrics. Every error has the OpenAI
+shape (see errors.py), every answer an X-Request-Id (request_id.py), and /openapi.json documents
+every body and error (openapi.py).
 """
 
 from __future__ import annotations
@@ -14,32 +16,38 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from ponder.engine.async_engine import AsyncEngine
 from ponder.engine.engine_thread import EngineThread
-from ponder.engine.streams import EngineDeadError, EngineUnavailable, RequestAborted, RequestFailed, Stream
+from ponder.engine.streams import EngineDeadError, EngineUnavailable, RequestFailed, Stream
 from ponder.engine.engine import LLMEngine
 from ponder.engine.structured import Grammars
 from ponder.model.loader import DEFAULT_MODEL
 from ponder.model.tokenizer import Tokenizer
-from ponder.outputs import RequestOutput
 from ponder.sampling_params import InvalidOption, SamplingParams
-from ponder.server.errors import (APIError, dumps, from_validation_error, install_error_handlers, invalid,
-                                  json_response)
+from ponder.server.errors import APIError, from_validation_error, install_error_handlers, invalid, json_response
+from ponder.server.generation import Generation, ThinkGeneration, api_error
 from ponder.server.metrics import CONTENT_TYPE, ServerMetrics
+from ponder.server.openapi import (Health, ModelCard, ModelList, error_responses, install_openapi, request_body,
+                                   streamed)
 from ponder.server.protocol import (MAX_BODY_BYTES, ChatCompletionRequest, CompletionRequest, EngineLimits,
                                     check_model)
-from ponder.server.responses import (ChatRenderer, CompletionRenderer, DeltaTracker, Renderer, TokenTexts,
-                                     usage)
+from ponder.server.request_id import HEADER as REQUEST_ID, RequestIdMiddleware
+from ponder.server.responses import ChatRenderer, CompletionRenderer, DeltaTracker, Renderer, TokenTexts
 from ponder.server.responses_api import ResponsesRenderer, ResponsesRequest, responses_error
 from ponder.server.structured import StructuredFields
 from ponder.server.think import ThinkRenderer, param_of, think_options
+from ponder.server import tokenization
+from ponder.server.tokenization import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from ponder.think.run import ThinkPrompt, think_program
+
+_BODIES = (CompletionRequest, ChatCompletionRequest, ResponsesRequest, TokenizeRequest,   # read by hand
+           DetokenizeRequest)
 
 
 @dataclass
@@ -52,6 +60,7 @@ class ServerConfig:
     drain_timeout: float = 30.0             # on SIGTERM: seconds to let in-flight requests finish
     log_level: str = "info"
     access_log: bool = False
+    allowed_origins: list[str] | None = None   # CORS: the web origins browsers may call from ("*": any)
 
 
 @dataclass
@@ -91,8 +100,14 @@ def build_app(engine: LLMEngine, config: ServerConfig | None = None,
                   lifespan=lifespan)
     app.state.ponder = state
     install_error_handlers(app)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=[REQUEST_ID])
+    app.add_middleware(RequestIdMiddleware)     # added last, so outermost: CORS preflights get an id too
     app.include_router(_public)
+    app.include_router(_keyed)
     app.include_router(_v1)
+    install_openapi(app, _BODIES, bearer_key=config.api_key is not None)
     return app
 
 
@@ -110,11 +125,14 @@ def _require_api_key(request: Request) -> None:
                        code="invalid_api_key")
 
 
+_KEY_REQUIRED = dict(dependencies=[Depends(_require_api_key)], responses=error_responses(401))
 _public = APIRouter()
-_v1 = APIRouter(prefix="/v1", dependencies=[Depends(_require_api_key)])
+_keyed = APIRouter(**_KEY_REQUIRED)     # vLLM serves its tokenizer routes at the root, beside /v1
+_v1 = APIRouter(prefix="/v1", **_KEY_REQUIRED)
+_BODY_ERRORS = error_responses(400, 404, 413)     # a body: malformed, for another model, too large
 
 
-@_public.get("/health")
+@_public.get("/health", response_model=Health, responses=error_responses(503))
 async def health(request: Request) -> Response:
     engine = _state(request).engine
     if not engine.healthy:
@@ -122,29 +140,31 @@ async def health(request: Request) -> Response:
     return json_response({"status": "ok"})
 
 
-@_public.get("/metrics")
+@_public.get("/metrics", response_class=PlainTextResponse, description="Prometheus metrics (text format)")
 async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
-@_v1.get("/models")
+@_v1.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> Response:
     return json_response({"object": "list", "data": [_model_card(_state(request))]})
 
 
-@_v1.get("/models/{model:path}")
+@_v1.get("/models/{model:path}", response_model=ModelCard, responses=error_responses(404))
 async def retrieve_model(model: str, request: Request) -> Response:
     state = _state(request)
     check_model(model, state.model_name)
     return json_response(_model_card(state))
 
 
-@_v1.post("/completions")
+@_v1.post("/completions", openapi_extra=request_body(CompletionRequest),
+          responses={**streamed("The completion"), **_BODY_ERRORS, **error_responses(503)})
 async def completions(request: Request) -> Response:
     return await _generate(request, await _read_body(request, CompletionRequest), "cmpl", CompletionRenderer)
 
 
-@_v1.post("/chat/completions")
+@_v1.post("/chat/completions", openapi_extra=request_body(ChatCompletionRequest),
+          responses={**streamed("The chat completion"), **_BODY_ERRORS, **error_responses(503)})
 async def chat_completions(request: Request) -> Response:
     body = await _read_body(request, ChatCompletionRequest)
     if body.ponder is not None:
@@ -152,7 +172,8 @@ async def chat_completions(request: Request) -> Response:
     return await _generate(request, body, "chatcmpl", ChatRenderer)
 
 
-@_v1.post("/responses")
+@_v1.post("/responses", openapi_extra=request_body(ResponsesRequest),
+          responses={**streamed("The response"), **_BODY_ERRORS, **error_responses(503)})
 async def responses(request: Request) -> Response:
     """OpenAI's Responses API, stateless: run as the chat request it translates to."""
     body = await _read_body(request, ResponsesRequest)
@@ -163,6 +184,28 @@ async def responses(request: Request) -> Response:
         raise responses_error(from_validation_error(e, ChatCompletionRequest)) from None
     except APIError as e:
         raise responses_error(e) from None
+
+
+@_keyed.post("/tokenize", response_model=TokenizeResponse, openapi_extra=request_body(TokenizeRequest),
+             responses=_BODY_ERRORS)
+async def tokenize(request: Request) -> Response:
+    """A prompt's token ids, or chat messages' as the chat template renders them."""
+    return await _tokenizer_answer(request, TokenizeRequest, tokenization.tokenize)
+
+
+@_keyed.post("/detokenize", response_model=DetokenizeResponse, openapi_extra=request_body(DetokenizeRequest),
+             responses=_BODY_ERRORS)
+async def detokenize(request: Request) -> Response:
+    """The text of token ids."""
+    return await _tokenizer_answer(request, DetokenizeRequest, tokenization.detokenize)
+
+
+async def _tokenizer_answer(request: Request, body_type, answer) -> Response:
+    state = _state(request)
+    body = await _read_body(request, body_type)
+    check_model(body.model, state.model_name)
+    # long texts and templates take a while: off the event loop, which serves the streams
+    return json_response(await asyncio.to_thread(answer, body, state.tokenizer, state.limits))
 
 
 def _model_card(state: ServerState) -> dict:
@@ -223,9 +266,9 @@ async def _submit(state: ServerState, prompts: list[list[int]], params: Sampling
         raise invalid(str(e), prompt_field) from None
     except EngineUnavailable as e:
         state.metrics.rejected("overloaded" if e.retry_after else "unavailable")
-        raise _api_error(e) from None
+        raise api_error(e) from None
     except EngineDeadError as e:
-        raise _api_error(e) from None
+        raise api_error(e) from None
 
 
 async def _think(request: Request, body: ChatCompletionRequest) -> Response:
@@ -245,153 +288,12 @@ async def _think(request: Request, body: ChatCompletionRequest) -> Response:
         raise invalid(str(e), param_of(e, options)) from None
     except EngineUnavailable as e:
         state.metrics.rejected("overloaded" if e.retry_after else "unavailable")
-        raise _api_error(e) from None
+        raise api_error(e) from None
     except (EngineDeadError, RequestFailed) as e:
-        raise _api_error(e) from None
+        raise api_error(e) from None
     reply = ThinkGeneration(stream, ThinkRenderer(request_id, state.model_name, state.texts, body.include_usage),
                             state.engine, options)
     if body.stream:
         return StreamingResponse(reply.events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     return json_response(await reply.complete(request))
-
-
-def _api_error(exc: Exception) -> APIError:
-    """The HTTP error for a request the engine could not finish."""
-    if isinstance(exc, EngineUnavailable):
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-        return APIError(503, str(exc), code="server_overloaded" if exc.retry_after else "unavailable",
-                        headers=headers)
-    if isinstance(exc, RequestAborted):
-        return APIError(503, f"The request was aborted: {exc}", code="aborted")
-    if isinstance(exc, RequestFailed):
-        return invalid(str(exc))
-    return APIError(500, str(exc))
-
-
-@dataclass
-class Generation:
-    """One request's engine stream rendered as OpenAI JSON: whole, or as server-sent events."""
-
-    stream: Stream
-    tracker: DeltaTracker
-    renderer: Renderer
-    num_choices: int
-    include_usage: bool
-    engine: AsyncEngine
-    prompt_tokens: int | None = None   # set: usage in every chunk (continuous_usage_stats)
-
-    async def complete(self, request: Request) -> dict:
-        """The whole response; the requests are aborted at once if the client disconnects first."""
-        try:
-            outs = await _unless_disconnected(self.stream.final(), request, self._abort_unless_done)
-        except (RequestFailed, RequestAborted, EngineDeadError) as e:
-            raise _api_error(e) from None
-        return self.renderer.response(self.tracker.deltas(outs), usage(outs))
-
-    async def events(self) -> AsyncIterator[str]:
-        """Server-sent events, one write per engine step; the requests are aborted if the client
-        goes away (Starlette cancels this generator when it sees the disconnect)."""
-        render = self.renderer
-        try:
-            opening = render.opening_chunks(self.num_choices, self.include_usage, self._usage([]))
-            if opening:
-                yield _events(opening)
-            outs: list[RequestOutput] = []
-            async for update in self.stream.updates():
-                outs = update.outputs
-                deltas = self.tracker.deltas(outs)
-                if deltas:
-                    so_far = self._usage(outs)
-                    yield _events([render.chunk([choice], self.include_usage, so_far)
-                                   for d in deltas for choice in render.stream_choices(d)])
-            closing = render.closing_chunks(self.include_usage, usage(outs))
-            if closing:
-                yield _events(closing)
-        except (RequestFailed, RequestAborted, EngineDeadError) as e:
-            yield _events([_api_error(e).body()])
-        finally:
-            self._abort_unless_done()
-        if render.done_marker:
-            yield render.done_marker
-
-    def _usage(self, outs: list[RequestOutput]) -> dict | None:
-        """The usage so far, for every chunk when continuous usage is on (else None)."""
-        if self.prompt_tokens is None:
-            return None
-        return usage(outs) if outs else {"prompt_tokens": self.prompt_tokens, "completion_tokens": 0,
-                                         "total_tokens": self.prompt_tokens}
-
-    def _abort_unless_done(self) -> None:
-        if not self.stream.done:
-            self.engine.abort(self.stream.request_ids)
-
-
-async def _unless_disconnected(work, request: Request, abort: Callable[[], None]):
-    """The result of `work`, unless the client disconnects first (then a 499). `abort` runs
-    either way (a no-op once the work is done), so a vanished client's blocks are freed at once."""
-    final = asyncio.ensure_future(work)
-    disconnect = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({final, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        disconnect.cancel()
-        final.cancel()
-        abort()
-    if not final.done() or final.cancelled():
-        raise APIError(499, "The client disconnected")
-    return final.result()
-
-
-@dataclass
-class ThinkGeneration:
-    """One think request rendered as OpenAI JSON: whole, or as server-sent events with progress."""
-
-    stream: Stream
-    renderer: ThinkRenderer
-    engine: AsyncEngine
-    options: dict
-
-    def _error(self, exc: Exception) -> APIError:
-        if isinstance(exc, RequestFailed):     # the strategy failed: name the option at fault if it can
-            return invalid(str(exc), param_of(exc, self.options))
-        return _api_error(exc)
-
-    async def complete(self, request: Request) -> dict:
-        """The whole response; the run is aborted at once (its branches freed) if the client
-        disconnects first."""
-        try:
-            result = await _unless_disconnected(self.stream.final(), request, self._abort_unless_done)
-        except (RequestFailed, RequestAborted, EngineDeadError) as e:
-            raise self._error(e) from None
-        return self.renderer.response(result)
-
-    async def events(self) -> AsyncIterator[str]:
-        """Server-sent events: the role chunk, progress chunks as the strategy runs, then the
-        answer; the run is aborted if the client goes away."""
-        render = self.renderer
-        try:
-            yield _events(render.opening_chunks())
-            async for update in self.stream.updates():
-                yield _events([render.progress_chunk(e) for e in update.events])
-            yield _events(render.final_chunks(self.stream.result))
-        except (RequestFailed, RequestAborted, EngineDeadError) as e:
-            yield _events([self._error(e).body()])
-        finally:
-            self._abort_unless_done()
-        yield "data: [DONE]\n\n"
-
-    def _abort_unless_done(self) -> None:
-        if not self.stream.done:
-            self.engine.abort(self.stream.request_ids)
-
-
-def _events(bodies: list[dict]) -> str:
-    """Server-sent events; a typed event (the Responses API's) also names itself on an event line."""
-    return "".join(f"event: {body['type']}\ndata: {dumps(body)}\n\n" if isinstance(body.get("type"), str)
-                   else f"data: {dumps(body)}\n\n" for body in bodies)
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

@@ -9,8 +9,10 @@ import re
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ponder.server.request_id import request_id_headers
 
 logger = logging.getLogger("ponder.server")
 
@@ -41,6 +43,19 @@ class APIError(Exception):
         return json_response(self.body(), self.status, self.headers)
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error (4xx) or server_error (5xx)")
+    param: str | None = Field(description='the request field at fault, as a path ("messages.0.role")')
+    code: str | None = Field(description='e.g. "context_length_exceeded", "invalid_api_key", "model_not_found"')
+
+
+class ErrorBody(BaseModel):
+    """Every error answer, in OpenAI's shape."""
+
+    error: ErrorDetail      # for /openapi.json: the answers themselves are built as dicts (error_body)
+
+
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param, code)
 
@@ -68,7 +83,7 @@ def from_validation_error(error: ValidationError | RequestValidationError,
         return invalid(f"The request body is not valid JSON: {first['msg']}", code="invalid_json")
     if kind == "model_type" and not loc:
         return invalid("The request body must be a JSON object")
-    param = ".".join(loc) or None
+    param = ".".join(loc) if loc else None     # (a field may be named "")
     if kind == "extra_forbidden":
         return invalid(f"Unrecognized request argument supplied: {param}", param)
     if kind == "missing":
@@ -98,4 +113,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return APIError(500, f"Internal server error: {type(exc).__name__}").response()
+        # Starlette sends this answer from outside every middleware: it names the request itself
+        return APIError(500, f"Internal server error: {type(exc).__name__}",
+                        headers=request_id_headers(request)).response()

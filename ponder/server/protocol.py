@@ -9,7 +9,7 @@ and how many choices one request may ask for.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import json
 
@@ -34,11 +34,13 @@ class EngineLimits:
     sampling_defaults: dict = field(default_factory=dict)   # for the sampling fields a body leaves unset
 
 
-class _Body(BaseModel):
+class StrictBody(BaseModel):
+    """A request body: JSON types as given (no "1" for 1), and no field the server does not know."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class StreamOptions(_Body):
+class StreamOptions(StrictBody):
     include_usage: bool = False
     # vLLM's: with include_usage, every chunk carries the usage so far (load testers read it)
     continuous_usage_stats: bool = False
@@ -106,8 +108,8 @@ class _GenerationRequest(StructuredFields):
             params = SamplingParams.with_defaults({**limits.sampling_defaults, "max_tokens": max_tokens}, **options)
         except ValueError as e:
             raise invalid(str(e), self._field_of(e, {"max_tokens": max_tokens_field})) from None
-        _check_token_ids(params.logit_bias or {}, "logit_bias", limits.vocab_size)
-        _check_token_ids(params.stop_token_ids or [], "stop_token_ids", limits.vocab_size)
+        check_token_ids(params.logit_bias or {}, "logit_bias", limits.vocab_size)
+        check_token_ids(params.stop_token_ids or [], "stop_token_ids", limits.vocab_size)
         for ids in prompts:
             self._check_context(len(ids), params.max_tokens if max_tokens_field else None,
                                 max_tokens_field, limits.max_model_len)
@@ -218,12 +220,12 @@ class CompletionRequest(_GenerationRequest):
         return [self.prompt] if single else self.prompt
 
 
-class TextPart(_Body):
+class TextPart(StrictBody):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Body):
+class ChatMessage(StrictBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = Field(None, description="a string or a list of text parts")
     name: str | None = None
@@ -251,12 +253,17 @@ def _arguments(text: str):
         return text
 
 
+# documented non-empty; chat_prompt checks it (with the message chat completions have always given)
+ChatMessages = Annotated[list[ChatMessage], Field(description="a non-empty list of messages",
+                                                  json_schema_extra={"minItems": 1})]
+
+
 class ChatCompletionRequest(_GenerationRequest):
     """POST /v1/chat/completions."""
 
     prompt_field: ClassVar[str] = "messages"
 
-    messages: list[ChatMessage] = Field(description="a non-empty list of messages")
+    messages: ChatMessages
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -274,16 +281,9 @@ class ChatCompletionRequest(_GenerationRequest):
     _output: dict = PrivateAttr(default_factory=dict)
 
     def prompt_token_ids(self, tokenizer: Tokenizer, limits: EngineLimits) -> list[list[int]]:
-        if not self.messages:
-            raise invalid("messages must contain at least one message", "messages")
         self._check_choices(1, limits)
         self._tools = tool_use(self.tools, self.tool_choice, self.parallel_tool_calls)
-        messages, options = template_messages([m.template_input() for m in self.messages], self._tools, tokenizer)
-        try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 **{**(self.chat_template_kwargs or {}), **options})
-        except (ValueError, TypeError, jinja2.TemplateError) as e:
-            raise invalid(f"The model's chat template cannot render these messages: {e}", "messages") from None
+        text = chat_prompt(self.messages, tokenizer, tools=self._tools, template_kwargs=self.chat_template_kwargs)
         self._tool_constraint = self._tools.constraint(tokenizer) if self._tools else None
         thinks = THINK_OPEN in (tokenizer.chat_template or "")
         self._output = {"reasoning": thinks, "in_reasoning": thinks and text.rstrip().endswith(THINK_OPEN),
@@ -323,7 +323,22 @@ class ChatCompletionRequest(_GenerationRequest):
         return super()._field_of(error, {**aliases, "logprobs": "top_logprobs"})
 
 
-def _check_token_ids(ids, field: str, vocab_size: int) -> None:
+def chat_prompt(messages: list[ChatMessage], tokenizer: Tokenizer, add_generation_prompt: bool = True,
+                tools: ToolUse | None = None, template_kwargs: dict | None = None) -> str:
+    """The messages rendered with the model's chat template (for chat completions and /tokenize
+    alike, so both count the same tokens), with the tools (server/tools.py) and extra template
+    variables; a 400 naming `messages` if they cannot be."""
+    if not messages:
+        raise invalid("messages must contain at least one message", "messages")
+    rendered, options = template_messages([m.template_input() for m in messages], tools, tokenizer)
+    try:
+        return tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt,
+                                             **{**(template_kwargs or {}), **options})
+    except (ValueError, TypeError, jinja2.TemplateError) as e:
+        raise invalid(f"The model's chat template cannot render these messages: {e}", "messages") from None
+
+
+def check_token_ids(ids, field: str, vocab_size: int) -> None:
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise invalid(f"{field} has token id {bad}, outside the vocabulary [0, {vocab_size})", field)

@@ -84,6 +84,7 @@ def test_stop_string_cuts_a_constrained_text(llm):
     (dict(json={"type": "object", "properties": {"a": {"type": "nonsense"}}}), "json"),
     (dict(regex="(unclosed"), "regex"),
     (dict(grammar="start: undefined_rule"), "grammar"),
+    (dict(grammar="oops"), "grammar"),                 # not even GBNF: its converter raises
 ])
 def test_an_invalid_constraint_is_refused_naming_it(llm, constraint, field):
     with pytest.raises(InvalidOption) as e:

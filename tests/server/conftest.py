@@ -18,6 +18,19 @@ from ponder.model.tokenizer import Tokenizer
 from ponder.server.app import ServerConfig, build_app
 from tests.conftest import tiny_config, tiny_model
 
+ANY = object()       # check_error: the error names no particular field
+
+
+def check_error(response: httpx.Response, field=ANY) -> dict:
+    """The OpenAI-shaped error of a 4xx answer, naming `field` (or a path into it) unless ANY."""
+    assert 400 <= response.status_code < 500, (response.status_code, response.text)
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    if field is not ANY:       # the field, or a path into it ("messages.0.role")
+        assert error["param"] == field or error["param"].startswith(field + "."), error
+    return error
+
 
 class ServerThread:
     """A running server: `url`, the `app`, and `stop()` (which waits for a clean shutdown)."""

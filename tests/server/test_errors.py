@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ponder.server.app import ServerConfig
+from tests.server.conftest import ANY, check_error
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
-ANY = object()       # the error names no particular field
 USER = [{"role": "user", "content": "hi"}]
 
 
@@ -83,16 +83,6 @@ def _bad_requests() -> list[tuple[str, bytes | dict, object]]:
     return cases
 
 
-def _check_error(response: httpx.Response, field=ANY) -> dict:
-    assert 400 <= response.status_code < 500, (response.status_code, response.text)
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str) and error["message"]
-    if field is not ANY:       # the field, or a path into it ("messages.0.role")
-        assert error["param"] == field or error["param"].startswith(field + "."), error
-    return error
-
-
 @pytest.mark.slow
 def test_200_bad_requests_on_the_default_model(default_server):
     cases = _bad_requests()
@@ -100,9 +90,9 @@ def test_200_bad_requests_on_the_default_model(default_server):
     with httpx.Client(base_url=default_server.url, timeout=60) as http:
         for path, body, field in cases:
             r = http.post(path, content=body) if isinstance(body, bytes) else http.post(path, json=body)
-            _check_error(r, field)
+            check_error(r, field)
         for method, path in (("GET", "/v1/completions"), ("GET", "/nowhere"), ("DELETE", "/v1/models")):
-            _check_error(http.request(method, path))
+            check_error(http.request(method, path))
         r = http.post(COMPLETIONS, json={"prompt": "Hello", "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
         assert http.get("/health").status_code == 200
@@ -111,16 +101,16 @@ def test_200_bad_requests_on_the_default_model(default_server):
 
 def test_errors_name_the_field_and_context(tiny_server):
     with httpx.Client(base_url=tiny_server.url) as http:
-        long_prompt = _check_error(http.post(COMPLETIONS, json={"prompt": "x" * 200}), "prompt")
+        long_prompt = check_error(http.post(COMPLETIONS, json={"prompt": "x" * 200}), "prompt")
         assert long_prompt["code"] == "context_length_exceeded" and "128" in long_prompt["message"]
-        too_much = _check_error(http.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 127}), "max_tokens")
+        too_much = check_error(http.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 127}), "max_tokens")
         assert too_much["code"] == "context_length_exceeded"
-        assert "top_p" in _check_error(http.post(COMPLETIONS, json={"prompt": "hi", "top_p": 2}), "top_p")["message"]
-        unknown = _check_error(http.post(CHAT, json={"messages": USER, "tool_box": []}), "tool_box")
+        assert "top_p" in check_error(http.post(COMPLETIONS, json={"prompt": "hi", "top_p": 2}), "top_p")["message"]
+        unknown = check_error(http.post(CHAT, json={"messages": USER, "tool_box": []}), "tool_box")
         assert "Unrecognized" in unknown["message"]
-        _check_error(http.post(CHAT, json={"messages": USER, "tools": "x"}), "tools")
+        check_error(http.post(CHAT, json={"messages": USER, "tools": "x"}), "tools")
         assert http.post(COMPLETIONS, json={"prompt": "hi", "model": "nope"}).status_code == 404
-        malformed = _check_error(http.post(COMPLETIONS, content=b"{oops"))
+        malformed = check_error(http.post(COMPLETIONS, content=b"{oops"))
         assert malformed["code"] == "invalid_json"
         huge = http.post(COMPLETIONS, content=b'{"prompt": "' + b"a" * (17 << 20) + b'"}')
         assert huge.status_code == 413 and huge.json()["error"]["message"]
@@ -166,7 +156,7 @@ def test_fuzzed_requests_never_fail_the_server(tiny_server, request):
             else:
                 assert r.json()["choices"]
         else:
-            _check_error(r)
+            check_error(r)
         ok = http.post(COMPLETIONS, json={"prompt": "ok", "max_tokens": 2})
         assert ok.status_code == 200
 
@@ -178,7 +168,7 @@ def test_api_key_required_when_set(start_tiny_server):
     with httpx.Client(base_url=server.url) as http:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"},
                         {"Authorization": "Basic sekret"}):
-            error = _check_error(http.post(COMPLETIONS, json=body, headers=headers))
+            error = check_error(http.post(COMPLETIONS, json=body, headers=headers))
             assert error["code"] == "invalid_api_key"
             assert http.get("/v1/models", headers=headers).status_code == 401
         assert http.post(COMPLETIONS, json=body, headers={"Authorization": "Bearer sekret"}).status_code == 200

@@ -61,6 +61,7 @@ def test_streamed_constrained_text_is_the_whole_text(tiny_server):
     ({"response_format": {"type": "yaml"}}, "response_format.type"),
     ({"guided_regex": "(oops"}, "guided_regex"),
     ({"guided_grammar": "start: missing"}, "guided_grammar"),
+    ({"structured_outputs": {"grammar": "oops"}}, "structured_outputs.grammar"),   # found by test_openapi
     ({"guided_choice": []}, "guided_choice"),
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs.regex"),
     ({"structured_outputs": {"json": {"type": "object", "properties": {"a": {"type": 5}}}}}, "structured_outputs.json"),
