@@ -14,10 +14,11 @@ from typing import Annotated, ClassVar, Literal
 import json
 
 import jinja2
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from ponder.model.tokenizer import Tokenizer
 from ponder.sampling_params import SamplingParams, StructuredOutputs
+from ponder.server.body import StrictBody
 from ponder.server.errors import APIError, invalid
 from ponder.server.chat_output import THINK_OPEN
 from ponder.server.structured import StructuredFields
@@ -32,12 +33,6 @@ class EngineLimits:
     vocab_size: int
     max_choices: int          # n x prompts in one request (the engine's max_num_seqs)
     sampling_defaults: dict = field(default_factory=dict)   # for the sampling fields a body leaves unset
-
-
-class StrictBody(BaseModel):
-    """A request body: JSON types as given (no "1" for 1), and no field the server does not know."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(StrictBody):

@@ -14,24 +14,22 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from ponder.server.body import StrictBody
 from ponder.server.errors import APIError, invalid
 from ponder.server.protocol import ChatCompletionRequest
 from ponder.server.responses import ChatRenderer, ChoiceDelta, TokenTexts
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
-
-class ContentPart(_Body):
+class ContentPart(StrictBody):
     type: Literal["input_text", "output_text", "text"]
     text: str
     annotations: list | None = None
 
 
-class MessageItem(_Body):
+class MessageItem(StrictBody):
     type: Literal["message"] | None = None
     role: Literal["user", "system", "developer", "assistant"]
     content: str | list[ContentPart]
@@ -42,7 +40,7 @@ class MessageItem(_Body):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class FunctionCallItem(_Body):
+class FunctionCallItem(StrictBody):
     type: Literal["function_call"]
     call_id: str
     name: str
@@ -51,7 +49,7 @@ class FunctionCallItem(_Body):
     status: str | None = None
 
 
-class FunctionCallOutputItem(_Body):
+class FunctionCallOutputItem(StrictBody):
     type: Literal["function_call_output"]
     call_id: str
     output: str
@@ -59,7 +57,7 @@ class FunctionCallOutputItem(_Body):
     status: str | None = None
 
 
-class FunctionTool(_Body):
+class FunctionTool(StrictBody):
     type: Literal["function"]
     name: str
     description: str | None = None
@@ -67,12 +65,12 @@ class FunctionTool(_Body):
     strict: bool | None = None
 
 
-class NamedFunction(_Body):
+class NamedFunction(StrictBody):
     type: Literal["function"]
     name: str
 
 
-class TextFormat(_Body):
+class TextFormat(StrictBody):
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None
     description: str | None = None
@@ -80,12 +78,12 @@ class TextFormat(_Body):
     strict: bool | None = None
 
 
-class TextConfig(_Body):
+class TextConfig(StrictBody):
     format: TextFormat | None = None
     verbosity: str | None = None
 
 
-class ResponsesRequest(_Body):
+class ResponsesRequest(StrictBody):
     """POST /v1/responses."""
 
     model: str | None = None

@@ -8,29 +8,27 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ponder.sampling_params import InvalidOption, StructuredOutputs
+from ponder.server.body import StrictBody
 from ponder.server.errors import invalid
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
-
-class JsonSchemaFormat(_Body):
+class JsonSchemaFormat(StrictBody):
     name: str | None = None
     description: str | None = None
     schema_: dict | None = Field(None, alias="schema", description="a JSON schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(StrictBody):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class StructuredOutputsBody(_Body):
+class StructuredOutputsBody(StrictBody):
     json_: dict | str | None = Field(None, alias="json", description="a JSON schema")
     regex: str | None = None
     choice: list[str] | None = None
@@ -39,7 +37,7 @@ class StructuredOutputsBody(_Body):
     disable_any_whitespace: bool | None = None
 
 
-class StructuredFields(_Body):
+class StructuredFields(StrictBody):
     """The body fields that constrain the output (the base of both generation requests)."""
 
     response_format: ResponseFormat | None = None

@@ -10,7 +10,8 @@ from typing import Annotated, Union
 from pydantic import BaseModel, Discriminator, Field, RootModel, Tag
 
 from ponder.model.tokenizer import Tokenizer
-from ponder.server.protocol import ChatMessages, EngineLimits, StrictBody, chat_prompt, check_token_ids
+from ponder.server.body import StrictBody
+from ponder.server.protocol import ChatMessages, EngineLimits, chat_prompt, check_token_ids
 
 
 class _TokenizeFields(StrictBody):

@@ -16,45 +16,42 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
 
 from ponder.model.tokenizer import Tokenizer
 from ponder.sampling_params import StructuredOutputs
 from ponder.server.chat_output import CALL_CLOSE, CALL_OPEN
+from ponder.server.body import StrictBody
 from ponder.server.errors import invalid
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
 
-
-class ToolFunction(_Body):
+class ToolFunction(StrictBody):
     name: str
     description: str | None = None
     parameters: dict | None = None
     strict: bool | None = None
 
 
-class Tool(_Body):
+class Tool(StrictBody):
     type: Literal["function"]
     function: ToolFunction
 
 
-class NamedFunction(_Body):
+class NamedFunction(StrictBody):
     name: str
 
 
-class NamedToolChoice(_Body):
+class NamedToolChoice(StrictBody):
     type: Literal["function"]
     function: NamedFunction
 
 
-class CalledFunction(_Body):
+class CalledFunction(StrictBody):
     name: str
     arguments: str
 
 
-class MessageToolCall(_Body):
+class MessageToolCall(StrictBody):
     id: str | None = None
     type: Literal["function"] = "function"
     function: CalledFunction
