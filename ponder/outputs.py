@@ -35,6 +35,8 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prompt_tokens_cached: int = 0
+    spec_draft_tokens: int = 0        # speculative decoding: draft tokens verified, and accepted
+    spec_accepted_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

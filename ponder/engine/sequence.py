@@ -154,7 +154,8 @@ class Request:
         outs = [CompletionOutput(s.index, s.text, s.output_token_ids, s.finish_reason, s.stop_reason,
                                  list(s.logprobs) if s.logprobs is not None else None)
                 for s in self.seqs]
-        usage = Usage(len(self.prompt_token_ids), sum(len(o.token_ids) for o in outs), self.num_cached_tokens)
+        usage = Usage(len(self.prompt_token_ids), sum(len(o.token_ids) for o in outs), self.num_cached_tokens,
+                      self.spec_drafted, self.spec_accepted)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished,
                              self.error, usage,
                              list(self.prompt_logprobs) if self.prompt_logprobs is not None else None)

@@ -98,6 +98,11 @@ class _EngineStatsCollector(Collector):
             ("prefix_cache_hits", "Prompt tokens reused from the prefix cache.", s["prompt_tokens_cached"]),
             ("num_preemptions", "Sequences preempted (to be recomputed).", s["preemptions"]),
             ("engine_steps", "Engine steps run.", s["steps"]),
+            # speculative decoding, as vLLM names them (acceptance rate = accepted / draft tokens;
+            # mean accepted length = accepted / drafts)
+            ("spec_decode_num_drafts", "Drafts verified (one per sequence and step).", s["spec_verified_seqs"]),
+            ("spec_decode_num_draft_tokens", "Draft tokens verified.", s["spec_draft_tokens"]),
+            ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", s["spec_accepted_tokens"]),
         ]
         for name, doc, value in gauges:
             metric = GaugeMetricFamily(f"ponder:{name}", doc, labels=["model_name"])

@@ -177,6 +177,9 @@ class CompletionRequest(_GenerationRequest):
         if not prompts:
             raise invalid("prompt must not be empty", "prompt")
         self._check_choices(len(prompts), limits)
+        for p in prompts:
+            if not isinstance(p, str):      # before anything decodes them (echo)
+                check_token_ids(p, "prompt", limits.vocab_size)
         return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
 
     def _max_tokens(self) -> tuple[int | None, str | None]:

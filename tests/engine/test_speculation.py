@@ -140,3 +140,12 @@ def test_rollback_across_a_block_boundary_leaves_the_shared_prefix_intact(make_t
     assert _outputs(spec, [prompt], params) == want      # again, on the cached prefix
     assert spec.stats()["prompt_tokens_cached"] > 0
     spec.pool.check_empty()
+
+
+def test_each_request_reports_its_drafts(make_tiny_engine):
+    engine = make_tiny_engine(weights="q8_0", speculative_method="ngram")
+    outs = LLM.from_engine(engine).generate([[5, 6, 7] * 6, [9, 1] * 8],
+                                            SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    stats = engine.stats()
+    assert sum(o.usage.spec_draft_tokens for o in outs) == stats["spec_draft_tokens"] > 0
+    assert sum(o.usage.spec_accepted_tokens for o in outs) == stats["spec_accepted_tokens"]

@@ -116,3 +116,12 @@ def test_lm_eval_loglikelihood_request_on_the_default_model(default_llm, request
     worst = max(check_lm_eval_choice(c, p, tokenizer.decode(p, skip_special_tokens=False), refs, texts)
                 for c, p, refs in zip(r.json()["choices"], prompts, references))
     assert worst < 1e-4
+
+
+def test_echo_of_token_ids_outside_the_vocabulary_is_a_400(tiny_server):
+    """Found by schemathesis: the ids were decoded for the echo before anything checked them."""
+    import httpx
+
+    with httpx.Client(base_url=tiny_server.url, timeout=60) as http:
+        r = http.post("/v1/completions", json={"prompt": [26794498, -74, -74, -250974], "echo": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
