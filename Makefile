@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.ponder-installed
 
-.PHONY: run chat serve test test-fast install models clean peers bench
+.PHONY: run chat serve test test-fast install models clean peers bench guidellm
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,15 @@ peers:
 bench: $(STAMP) peers
 	$(PY) -m ponder.cli bench throughput --workload offline-64 --peer hf --peer llama.cpp \
 		--output benchmarks/results/offline64.json
+
+# guidellm 0.8.1 in its own venv (it pulls a CUDA torch, about 6 GB), then a run at concurrency 16
+# against `ponder serve` (benchmarks/guidellm_serve.sh).
+.venv-guidellm/bin/guidellm:
+	$(PYTHON) -m venv .venv-guidellm
+	.venv-guidellm/bin/pip install -q guidellm==0.8.1
+
+guidellm: $(STAMP) .venv-guidellm/bin/guidellm
+	GUIDELLM=.venv-guidellm/bin/guidellm bash benchmarks/guidellm_serve.sh
 
 clean:
 	rm -rf $(VENV)

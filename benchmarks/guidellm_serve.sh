@@ -14,7 +14,7 @@
 # Knobs (environment): CONCURRENCY=16 REQUESTS=48 PROMPT_TOKENS=128 OUTPUT_TOKENS=64
 #   MAX_NUM_SEQS=16 MODEL= (ponder's default model) EXTRA_SERVE_ARGS= SERVER_LOG=/tmp/...
 #   TOKENIZER= (a local folder with tokenizer.json; default: the one ponder exports for MODEL)
-#   GUIDELLM=/work/guidellm-venv/bin/guidellm PONDER=<repo>/.venv/bin/ponder
+#   GUIDELLM=<repo>/.venv-guidellm/bin/guidellm (make guidellm) PONDER=<repo>/.venv/bin/ponder
 #   REQUEST_FORMAT=/v1/chat/completions (or /v1/completions) HEALTH_TIMEOUT=300
 set -euo pipefail
 
@@ -31,7 +31,7 @@ MAX_NUM_SEQS="${MAX_NUM_SEQS:-$(( CONCURRENCY > 16 ? CONCURRENCY : 16 ))}"
 MODEL="${MODEL:-}"
 REQUEST_FORMAT="${REQUEST_FORMAT:-/v1/chat/completions}"
 HEALTH_TIMEOUT="${HEALTH_TIMEOUT:-300}"
-GUIDELLM="${GUIDELLM:-/work/guidellm-venv/bin/guidellm}"
+GUIDELLM="${GUIDELLM:-$REPO/.venv-guidellm/bin/guidellm}"      # `make guidellm` creates it
 GUIDELLM_PY="$(dirname "$GUIDELLM")/python"
 PONDER="${PONDER:-$REPO/.venv/bin/ponder}"
 PONDER_PY="$(dirname "$PONDER")/python"
