@@ -12,7 +12,7 @@ WEIGHT_FORMATS = ("native", "q8_0", "q4_0", "fp32")
 KV_CACHE_DTYPES = ("fp16", "fp32")
 DTYPES = ("float32", "bfloat16", "float16")
 SAMPLING_DEFAULT_SOURCES = ("model", "ponder", "none")   # see ponder/sampling_params.py
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft")
 
 
 def _option(default, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None):
@@ -53,8 +53,10 @@ class EngineConfig:
                                               "sampling over ponder's), ponder (temperature 0.8, top-k 40, top-p "
                                               "0.95, min-p 0.05), none (temperature 1, no truncation)",
                                      choices=SAMPLING_DEFAULT_SOURCES)
-    speculative_method: str | None = _option(None, "speculative decoding: ngram (prompt lookup); default: none",
-                                             choices=SPECULATIVE_METHODS)
+    speculative_method: str | None = _option(None, "speculative decoding: ngram (prompt lookup) or draft (a "
+                                                   "speculative_model); default: none", choices=SPECULATIVE_METHODS)
+    speculative_model: str | None = _option(None, "the draft model (packaged name, GGUF or HF folder) of "
+                                                  "speculative_method draft; its KV shares kv_cache_memory_gb")
     num_speculative_tokens: int = _option(4, "most draft tokens verified per sequence and step")
     prompt_lookup_min: int = _option(1, "ngram: shortest suffix looked up")
     prompt_lookup_max: int = _option(3, "ngram: longest suffix looked up")
@@ -70,6 +72,10 @@ class EngineConfig:
         if self.speculative_method is not None and self.speculative_method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, "
                              f"got {self.speculative_method!r}")
+        if (self.speculative_method == "draft") != (self.speculative_model is not None):
+            raise ValueError("speculative_method 'draft' and speculative_model go together"
+                             + (": give speculative_model" if self.speculative_method == "draft" else
+                                ": set speculative_method 'draft'"))
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) must be <= prompt_lookup_max "
                              f"({self.prompt_lookup_max})")

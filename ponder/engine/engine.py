@@ -54,7 +54,7 @@ class LLMEngine:
         self.sampler_extensions: tuple[SamplerExtension, ...] = (ProbeExtension(), GrammarMask(self.grammars))
         self.speculation = Speculation(config.speculative_method, config.num_speculative_tokens,
                                        config.prompt_lookup_min, config.prompt_lookup_max,
-                                       config.speculative_disable_by_batch_size, self.max_model_len)
+                                       config.speculative_disable_by_batch_size, self.max_model_len, parts.draft)
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
@@ -130,6 +130,7 @@ class LLMEngine:
                                                      self.sampler_extensions))
             self._post_process(seqs, out)
             touched.update(ch.seq.request for ch in plan.chunks)
+        self.speculation.settle(self.scheduler.running)
         outputs = [r.output() for r in touched]
         for r in touched:
             if r.finished:
@@ -383,6 +384,7 @@ class LLMEngine:
             "spec_draft_tokens": self.speculation.stats.drafted,
             "spec_accepted_tokens": self.speculation.stats.accepted,
             "spec_verified_seqs": self.speculation.stats.verified_seqs,
+            **(self.speculation.draft.stats() if self.speculation.draft is not None else {}),
             "max_batch_seqs": st.max_batch_seqs,
         }
 

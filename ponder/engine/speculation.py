@@ -22,9 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from ponder.engine.scheduler import ScheduledChunk
 from ponder.engine.sequence import Action, Sequence, SequenceStatus
 from ponder.spec.ngram import propose_ngram
+
+if TYPE_CHECKING:
+    from ponder.engine.draft import DraftModel
 
 
 @dataclass
@@ -57,8 +62,10 @@ class _Prefix:
 
 class Speculation:
     def __init__(self, method: str | None, num_tokens: int, min_n: int, max_n: int,
-                 disable_by_batch_size: int, max_model_len: int):
-        self.method, self.num_tokens = method, num_tokens
+                 disable_by_batch_size: int, max_model_len: int, draft: "DraftModel | None" = None):
+        if method == "draft" and draft is None:
+            raise ValueError("speculative_method 'draft' needs a speculative_model")
+        self.method, self.num_tokens, self.draft = method, num_tokens, draft
         self.min_n, self.max_n = min_n, max_n
         self.disable_by_batch_size, self.max_model_len = disable_by_batch_size, max_model_len
         self.stats = SpeculationStats()
@@ -70,11 +77,12 @@ class Speculation:
         self._drafted = []
         if self.method is None or len(running) > self.disable_by_batch_size:
             return
-        for seq in running:
-            k = self._budget(seq)
-            if k < 1:
-                continue
-            draft = propose_ngram(seq.token_ids, k, self.min_n, self.max_n)
+        eligible = [(seq, k) for seq in running if (k := self._budget(seq)) >= 1]
+        if self.method == "draft":
+            drafts = self.draft.propose([s for s, _ in eligible], [k for _, k in eligible])
+        else:
+            drafts = [propose_ngram(seq.token_ids, k, self.min_n, self.max_n) for seq, k in eligible]
+        for (seq, _), draft in zip(eligible, drafts):
             if draft:
                 seq.token_ids.extend(draft)
                 seq.num_draft = len(draft)
@@ -94,6 +102,11 @@ class Speculation:
         if seq.params.max_tokens is not None:
             room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
         return min(seq.spec_k, room)
+
+    def settle(self, running: list[Sequence]) -> None:
+        """After a step: a draft model lets go of the sequences that stopped running."""
+        if self.draft is not None:
+            self.draft.forget_others({seq.seq_id for seq in running})
 
     def trim(self, chunks: list[ScheduledChunk]) -> None:
         """Take back the drafts the plan did not fit: all of a sequence not scheduled (or

@@ -94,10 +94,12 @@ def test_switching_speculation_on_and_off_with_the_batch_changes_nothing(make_ti
     assert spec.stats()["spec_verified_seqs"] > 0
 
 
-def test_random_add_abort_speculate_preempt_returns_every_block(make_tiny_engine):
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_random_add_abort_speculate_preempt_returns_every_block(make_tiny_engine, draft_folders, method):
     rng = random.Random(3)
+    draft = {"speculative_model": draft_folders["other"]} if method == "draft" else {}
     engine = make_tiny_engine(num_kv_blocks=24, block_size=4, max_num_seqs=6, max_num_batched_tokens=24,
-                              speculative_method="ngram", speculative_disable_by_batch_size=6, weights="q8_0")
+                              speculative_method=method, speculative_disable_by_batch_size=6, weights="q8_0", **draft)
     live = []
     for _ in range(1500):
         r = rng.random()
@@ -122,6 +124,8 @@ def test_random_add_abort_speculate_preempt_returns_every_block(make_tiny_engine
     stats = engine.stats()
     assert stats["preemptions"] > 0 and stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
     engine.pool.check_empty()
+    if method == "draft":
+        engine.speculation.draft.pool.check_empty()
 
 
 def test_rollback_across_a_block_boundary_leaves_the_shared_prefix_intact(make_tiny_engine):
@@ -149,3 +153,44 @@ def test_each_request_reports_its_drafts(make_tiny_engine):
     stats = engine.stats()
     assert sum(o.usage.spec_draft_tokens for o in outs) == stats["spec_draft_tokens"] > 0
     assert sum(o.usage.spec_accepted_tokens for o in outs) == stats["spec_accepted_tokens"]
+
+
+# -- a draft model ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def draft_folders(tmp_path_factory):
+    """Tiny drafts in the target's vocabulary: the target's own weights (it agrees with every token)
+    and other random weights (it rarely does)."""
+    from tests.conftest import tiny_config, tiny_model, write_hf_folder
+
+    cfg = tiny_config()
+    return {"same": write_hf_folder(tiny_model(cfg, seed=0), cfg, str(tmp_path_factory.mktemp("draft_same"))),
+            "other": write_hf_folder(tiny_model(cfg, seed=7), cfg, str(tmp_path_factory.mktemp("draft_other")))}
+
+
+@pytest.mark.parametrize("which", ["same", "other"])
+@pytest.mark.parametrize("options", [{}, {"max_num_batched_tokens": 6}, {"num_kv_blocks": 40}],
+                         ids=["roomy", "tiny-budget", "preempting"])
+def test_a_draft_model_changes_no_output(make_tiny_engine, draft_folders, which, options):
+    prompts, params = _prompts(32, seed=11), _params(32, seed=12)
+    plain = make_tiny_engine(weights="q8_0", **options)
+    spec = make_tiny_engine(weights="q8_0", speculative_method="draft", speculative_model=draft_folders[which],
+                            speculative_disable_by_batch_size=64, **options)
+    assert _outputs(spec, prompts, params) == _outputs(plain, prompts, params)
+    stats = spec.stats()
+    assert stats["spec_draft_tokens"] > 50
+    if which == "same":          # the target's own weights: it draws what the target draws
+        assert stats["spec_accepted_tokens"] > 0.9 * stats["spec_draft_tokens"]
+    spec.pool.check_empty()
+    spec.speculation.draft.pool.check_empty()
+    assert stats["draft_kv_blocks_total"] == stats["kv_blocks_total"]
+
+
+def test_a_draft_with_another_vocabulary_is_refused(make_tiny_engine, tmp_path):
+    from tests.conftest import tiny_config, tiny_model, write_hf_folder
+
+    cfg = tiny_config(vocab_size=300)
+    folder = write_hf_folder(tiny_model(cfg), cfg, str(tmp_path / "draft"))
+    with pytest.raises(ValueError, match="cannot draft for this model.*vocab_size 300"):
+        make_tiny_engine(weights="q8_0", speculative_method="draft", speculative_model=folder)
+    with pytest.raises(ValueError, match="speculative_model"):
+        make_tiny_engine(weights="q8_0", speculative_method="draft")
