@@ -18,7 +18,11 @@ import json
 import os
 import time
 
+import httpx
+
 from ponder import LLM, SamplingParams
+from ponder.bench.peers import ServerProcess, free_port, llama_server_binary
+from ponder.model.loader import resolve_model_path
 
 
 def humaneval_prompts(count: int) -> list[str]:
@@ -42,6 +46,27 @@ def run(llm: LLM, prompt: str, max_tokens: int) -> tuple[list[int], float, float
     return request.seqs[0].output_token_ids, first - start, end - first
 
 
+def llama_cpp_speculative(target: str, draft: str, prompts: list[str], max_tokens: int, cache_dir: str) -> dict:
+    """llama.cpp's own speculative decoding with the same GGUFs: `llama-server -m target -md draft -t 2`
+    (its defaults otherwise), greedy; decode tokens/s as its timings report them."""
+    port = free_port()
+    argv = [llama_server_binary(), "-m", resolve_model_path(target, cache_dir), "-md", resolve_model_path(draft, cache_dir),
+            "-t", "2", "--host", "127.0.0.1", "--port", str(port), "-c", "4096", "--no-webui"]
+    rows = []
+    with ServerProcess("llama.cpp", argv, port, ready_path="/health") as server:
+        for prompt in [prompts[0]] + prompts:        # the first is a warm-up
+            body = {"prompt": prompt, "n_predict": max_tokens, "temperature": 0, "cache_prompt": False}
+            timings = httpx.post(server.base_url + "/completion", json=body, timeout=600).json()["timings"]
+            rows.append(timings)
+    rows = rows[1:]
+    tokens = sum(t["predicted_n"] for t in rows)
+    seconds = sum(t["predicted_ms"] for t in rows) / 1000
+    drafted = sum(t.get("draft_n", 0) for t in rows)
+    accepted = sum(t.get("draft_n_accepted", 0) for t in rows)
+    return {"decode_tok_s": round(tokens / seconds, 2), "tokens": tokens,
+            "acceptance_rate": round(accepted / max(drafted, 1), 3), "argv": " ".join(argv[1:])}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
@@ -49,6 +74,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--peer", choices=["llama.cpp"], help="also run llama.cpp's speculative decoding")
     p.add_argument("--output")
     args = p.parse_args()
     plain = LLM(args.target, num_kv_blocks=1024)
@@ -79,6 +105,10 @@ def main() -> None:
               "end_to_end_speedup": round(e2e_plain / e2e_spec, 3),
               "acceptance_rate": round(accepted / max(drafted, 1), 3),
               "mean_accepted_per_draft": round(accepted / max(drafts, 1), 3), "prompts": rows}
+    if args.peer:
+        peer = llama_cpp_speculative(args.target, args.draft, prompts, args.max_tokens, plain.engine.config.cache_dir)
+        result["llama.cpp"] = peer
+        result["ponder_over_llama.cpp_decode"] = round(result["decode_draft_tok_s"] / peer["decode_tok_s"], 3)
     print(json.dumps(result, indent=1))
     if args.output:
         json.dump(result, open(args.output, "w"), indent=1)

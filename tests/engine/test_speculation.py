@@ -194,3 +194,18 @@ def test_a_draft_with_another_vocabulary_is_refused(make_tiny_engine, tmp_path):
         make_tiny_engine(weights="q8_0", speculative_method="draft", speculative_model=folder)
     with pytest.raises(ValueError, match="speculative_model"):
         make_tiny_engine(weights="q8_0", speculative_method="draft")
+
+
+@pytest.mark.parametrize("strategy, options", [("self-consistency", {"n": 4}),
+                                               ("beam-search", {"n": 4, "width": 2, "max_steps": 3})])
+def test_think_branches_speculate_without_changing_the_result(make_tiny_engine, strategy, options):
+    """Forked think branches draft and verify like any sequence (and stop at their step limits);
+    a seeded think run gives the same candidates."""
+    def run(engine):
+        result = LLM.from_engine(engine).think([5, 6, 7, 5, 6, 7, 5, 6], strategy, chat=False, temperature=1.0,
+                                               top_p=1.0, top_k=-1, min_p=0.0, seed=4, max_tokens=24, **options)
+        return [(c.text, c.finish_reason, c.num_tokens, c.score) for c in result.candidates]
+
+    spec = make_tiny_engine(weights="q8_0", speculative_method="ngram", speculative_disable_by_batch_size=8)
+    assert run(spec) == run(make_tiny_engine(weights="q8_0"))
+    assert spec.stats()["spec_verified_seqs"] > 0
