@@ -216,13 +216,16 @@ class LLMEngine:
         draft), and roll the KV back to the accepted length; then register its full blocks."""
         last = seq.num_tokens - seq.num_draft - 1          # position of the last real token
         draft = self.speculation.take_drafts(seq)
-        accepted = 0
+        accepted, appended = 0, []
         for token, logprob in drawn:
             self._append_token(seq, token, logprob)
+            appended.append(token)
             ended = seq.finish_reason is not None or (seq.control is not None and seq.control.stop_reason is not None)
             if ended or accepted == len(draft) or token != draft[accepted]:
                 break
             accepted += 1
+        if seq.matcher is not None:        # the grammar reads what was kept (its masks allowed each)
+            seq.matcher.consume_tokens(appended)
         self.speculation.record(seq, len(draft), accepted)
         # KV holds positions up to last + accepted (the matching drafts); one token stays to compute
         seq.num_computed_tokens = min(last + 1 + accepted, seq.num_tokens - 1)

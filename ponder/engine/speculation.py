@@ -90,9 +90,9 @@ class Speculation:
 
     def _budget(self, seq: Sequence) -> int:
         """How many tokens `seq` may draft now: 0 unless it is decoding plainly (its one new token
-        uncomputed, no grammar, not forking, not a think probe or prefill), at most what its
+        uncomputed, not forking, not a think probe or prefill), at most what its
         max_tokens and the context leave after the token the verification draws itself."""
-        if (seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed != 1 or seq.matcher is not None
+        if (seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed != 1
                 or (seq.control is not None and seq.control.action is not Action.GENERATE)
                 or (seq.params.n > 1 and len(seq.request.seqs) == 1)):
             return 0

@@ -129,34 +129,67 @@ class GrammarMask:
 
     def before_forward(self, seqs: list) -> None:
         """Start filling the masks of `seqs` (rows about to be sampled, whose matchers nothing else
-        touches until `prepare`) on a worker thread, while the model runs."""
-        wanted = _constrained(seqs)
+        touches until `prepare`) on a worker thread, while the model runs. A sequence verifying
+        drafts (speculative decoding) needs one mask per drafted position: its matcher walks the
+        drafts and back."""
+        plain = [s for s in seqs if not s.num_draft]
+        drafted = [s for s in seqs if s.num_draft and s.matcher is not None]
+        wanted = _constrained(plain)
         self._pending = None
-        if wanted:
-            bitmask = self._bitmask(len(seqs))
-            self._pending = (seqs, bitmask, self._worker.submit(self.grammars.fill_masks, wanted, bitmask))
+        if wanted or drafted:
+            bitmask = self._bitmask(len(plain))
+
+            def fill():
+                self.grammars.fill_masks(wanted, bitmask)
+                return {id(s): self._draft_masks(s) for s in drafted}
+
+            self._pending = (plain, bitmask, self._worker.submit(fill))
 
     def prepare(self, rows: list) -> "_MaskRows | None":
         pending, self._pending = self._pending, None
-        if pending is not None:
-            pending[2].result()
+        drafted = pending[2].result() if pending is not None else {}
         wanted = _constrained(rows)
-        if not wanted:
+        verified = [(i, row) for i, row in enumerate(rows) if id(getattr(row, "seq", None)) in drafted]
+        if not wanted and not verified:
             return None
         if pending is not None and pending[0] == rows:
-            return _MaskRows(pending[1], wanted)
-        # rows differ from those announced (a request with n > 1 forked at its first sample): take
-        # the masks already filled, fill the others now
+            return _MaskRows(pending[1], [i for _, i in wanted], wanted)
+        # rows differ from those announced (verified positions; a request with n > 1 forked at its
+        # first sample): take the masks already filled, fill the others now
         done = {id(seq): j for j, seq in enumerate(pending[0])} if pending is not None else {}
-        bitmask, missing = self._bitmask(len(rows)), []
+        bitmask, missing, consume = self._bitmask(len(rows)), [], []
         for matcher, row in wanted:
-            j = done.get(id(rows[row]))
+            seq = rows[row]
+            if id(seq) in drafted:            # the last drafted position; its tokens are taken when accepted
+                bitmask[row] = drafted[id(seq)][seq.num_draft]
+                continue
+            consume.append((matcher, row))
+            j = done.get(id(seq))
             if j is None:
                 missing.append((matcher, row))
             else:
                 bitmask[row] = pending[1][j]
+        for row, prefix in verified:
+            seq = prefix.seq
+            bitmask[row] = drafted[id(seq)][prefix.length - (seq.num_tokens - seq.num_draft)]
         self.grammars.fill_masks(missing, bitmask)
-        return _MaskRows(bitmask, wanted)
+        return _MaskRows(bitmask, [i for _, i in wanted] + [i for i, _ in verified], consume)
+
+    def _draft_masks(self, seq) -> torch.Tensor:
+        """The masks at each of `seq`'s drafted positions: before its first draft token, after
+        each. Past a draft token the grammar refuses, masks stay all-allowed (nothing after it can
+        be accepted: the target draws a valid token there). The matcher ends where it began."""
+        drafts = seq.token_ids[len(seq.token_ids) - seq.num_draft:]
+        masks = self._bitmask(len(drafts) + 1)
+        matcher, words, walked = seq.matcher, masks.shape[1], 0
+        for p in range(len(drafts) + 1):
+            matcher.unsafe_compute_mask_ptr(masks[p].data_ptr(), words * 4)
+            if p == len(drafts) or matcher.try_consume_tokens([drafts[p]]) != 1:
+                break
+            walked += 1
+        if walked:
+            matcher.rollback(walked)
+        return masks
 
     def _bitmask(self, num_rows: int) -> torch.Tensor:
         return torch.full((num_rows, (self.grammars.vocab_size + 31) // 32), -1, dtype=torch.int32)
@@ -181,12 +214,13 @@ class _MaskRows:
     name = GrammarMask.name
     reads_distribution = False
 
-    def __init__(self, bitmask: torch.Tensor, wanted: list):
-        self.bitmask, self.wanted = bitmask, wanted
+    def __init__(self, bitmask: torch.Tensor, rows: list[int], consume: list):
+        """rows: those to mask; consume: (matcher, row) that take their row's drawn token."""
+        self.bitmask, self.rows, self.consume = bitmask, rows, consume
 
     def edit_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """In place (the sampler's working copy): a copy of a [16, 49152] step costs as much as the mask."""
-        rows = torch.tensor([i for _, i in self.wanted], dtype=torch.long)
+        rows = torch.tensor(self.rows, dtype=torch.long)
         native = _native_mask()
         if native is None or logits.dtype != torch.float32 or logits.is_cuda or not logits.is_contiguous():
             allowed = ((self.bitmask[rows, :, None] >> _BITS) & 1).flatten(1)[:, :logits.shape[1]].bool()
@@ -199,4 +233,4 @@ class _MaskRows:
     def observe(self, logprobs: torch.Tensor, tokens: torch.Tensor) -> dict[int, bool]:
         """Each matcher takes its row's token; the value per row: whether the grammar accepted it."""
         drawn = tokens.tolist()
-        return {i: matcher.consume_token(drawn[i]) for matcher, i in self.wanted}
+        return {i: matcher.consume_token(drawn[i]) for matcher, i in self.consume}

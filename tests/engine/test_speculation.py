@@ -209,3 +209,23 @@ def test_think_branches_speculate_without_changing_the_result(make_tiny_engine, 
     spec = make_tiny_engine(weights="q8_0", speculative_method="ngram", speculative_disable_by_batch_size=8)
     assert run(spec) == run(make_tiny_engine(weights="q8_0"))
     assert spec.stats()["spec_verified_seqs"] > 0
+
+
+def test_constrained_outputs_speculate_without_changing(make_tiny_engine):
+    """Under a grammar, each verified position is masked by the matcher walked through the drafts
+    before it; a draft the grammar refuses is simply rejected. Outputs are the same."""
+    from ponder import StructuredOutputs
+
+    constraints = [StructuredOutputs(regex=r"(ab|cd){1,20}"), StructuredOutputs(choice=["abab", "abcd"]),
+                   StructuredOutputs(json={"type": "object", "properties": {"k": {"enum": ["ab", "abab"]},
+                                                                            "n": {"type": "integer", "maximum": 99}},
+                                           "required": ["k", "n"], "additionalProperties": False},
+                                     disable_any_whitespace=True)]
+    prompts = [[97, 98, 97, 98, 99, 100] * 3, [1, 2, 3] * 4, [123, 34, 107, 34] * 3]
+    params = [SamplingParams(temperature=t, seed=s, max_tokens=40, structured_outputs=c)
+              for c in constraints for t, s in ((0.0, None), (1.0, 5))]
+    all_prompts = [p for p in prompts for _ in range(2)]
+    plain = make_tiny_engine(weights="q8_0")
+    spec = make_tiny_engine(weights="q8_0", speculative_method="ngram", speculative_disable_by_batch_size=16)
+    assert _outputs(spec, all_prompts, params) == _outputs(plain, all_prompts, params)
+    assert spec.stats()["spec_verified_seqs"] > 0 and spec.stats()["spec_accepted_tokens"] > 0
