@@ -64,7 +64,8 @@ def llama_cpp_speculative(target: str, draft: str, prompts: list[str], max_token
     drafted = sum(t.get("draft_n", 0) for t in rows)
     accepted = sum(t.get("draft_n_accepted", 0) for t in rows)
     return {"decode_tok_s": round(tokens / seconds, 2), "tokens": tokens,
-            "acceptance_rate": round(accepted / max(drafted, 1), 3), "argv": " ".join(argv[1:])}
+            "acceptance_rate": round(accepted / drafted, 3) if drafted else None,   # when its timings say
+            "argv": " ".join(argv[1:])}
 
 
 def main() -> None:

@@ -59,6 +59,19 @@ class DraftModel:
                 drafts[i].append(token)
         return drafts
 
+    def prefill(self, seqs: list[Sequence]) -> None:
+        """Compute the shadows of sequences whose prompt the target computes this step, all but
+        their last token (in the prompt's step, not the first decode's: the draft's prefill is
+        time to first token)."""
+        shadows = [self._synced(seq) for seq in seqs]
+        ready = [s for s in shadows if s.num_uncomputed > 1 and self.kv.allocate_slots(s, s.num_uncomputed - 1)]
+        if not ready:
+            return
+        self.runner.execute([(s.token_ids[s.num_computed_tokens:-1], s.num_computed_tokens, s.block_table)
+                             for s in ready], [])
+        for s in ready:
+            s.num_computed_tokens = s.num_tokens - 1
+
     def _room(self, shadows: list[Sequence | None], i: int) -> bool:
         """Blocks for shadow i's next forward; a shadow the pool cannot grow is dropped."""
         shadow = shadows[i]

@@ -110,8 +110,13 @@ class Speculation:
 
     def trim(self, chunks: list[ScheduledChunk]) -> None:
         """Take back the drafts the plan did not fit: all of a sequence not scheduled (or
-        preempted), the tail beyond a chunk cut short by the token budget."""
+        preempted), the tail beyond a chunk cut short by the token budget. A draft model prefills
+        the prompts the plan computes."""
         scheduled = {id(ch.seq): ch.num_tokens for ch in chunks}
+        if self.draft is not None:       # prompts computed now: the draft's shadows too
+            prompts = [ch.seq for ch in chunks if ch.seq.num_output_tokens == 0 and ch.seq.control is None]
+            if prompts and len(chunks) <= self.disable_by_batch_size:
+                self.draft.prefill(prompts)
         for seq in self._drafted:
             fits = scheduled.get(id(seq), 0) - 1 if seq.status is SequenceStatus.RUNNING else 0
             drop = seq.num_draft - max(0, min(seq.num_draft, fits))
