@@ -20,6 +20,7 @@ from ponder.server.body import StrictBody
 from ponder.server.errors import APIError, invalid
 from ponder.server.protocol import ChatCompletionRequest
 from ponder.server.responses import ChatRenderer, ChoiceDelta, TokenTexts
+from ponder.server.tools import ToolFunction
 
 
 
@@ -29,40 +30,39 @@ class ContentPart(StrictBody):
     annotations: list | None = None
 
 
-class MessageItem(StrictBody):
+class _Item(StrictBody):
+    """What every item a client sends back may carry (as the API returned it)."""
+
+    id: str | None = None
+    status: str | None = None
+
+
+class MessageItem(_Item):
     type: Literal["message"] | None = None
     role: Literal["user", "system", "developer", "assistant"]
     content: str | list[ContentPart]
-    id: str | None = None
-    status: str | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class FunctionCallItem(StrictBody):
+class FunctionCallItem(_Item):
     type: Literal["function_call"]
     call_id: str
     name: str
     arguments: str
-    id: str | None = None
-    status: str | None = None
 
 
-class FunctionCallOutputItem(StrictBody):
+class FunctionCallOutputItem(_Item):
     type: Literal["function_call_output"]
     call_id: str
     output: str
-    id: str | None = None
-    status: str | None = None
 
 
-class FunctionTool(StrictBody):
+class FunctionTool(ToolFunction):
+    """A function tool, flat as the Responses API spells it (chat nests it under "function")."""
+
     type: Literal["function"]
-    name: str
-    description: str | None = None
-    parameters: dict | None = None
-    strict: bool | None = None
 
 
 class NamedFunction(StrictBody):
