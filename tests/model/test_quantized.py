@@ -63,6 +63,8 @@ def test_logits_are_bitwise_batch_invariant(make_tiny_engine):
 
 
 def _real_text(tokenizer, count: int = 4, length: int = 256) -> list[list[int]]:
+    if not os.path.exists(GSM8K):
+        pytest.skip("shared GSM8K data not present next to this checkout")
     problems = [json.loads(line) for line in open(GSM8K)]
     texts, i = [], 0
     while len(texts) < count:
