@@ -9,7 +9,9 @@ import math
 import re
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+(?!\d*/))?|-?\.\d+")
-_ANSWER_IS = re.compile(r"answer(?:\s+is)?\s*[:=]?\s*(.+)", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"answer\s*(?:is\s*[:=]?|[:=])\s*(.+)", re.IGNORECASE)
+_ASSIGNMENT = re.compile(r"^[a-zA-Z]\w*\s*=\s*")                      # "x = 18"
+_WITH_UNIT = re.compile(r"^(-?\$?\s*[\d,]*\.?\d+)\s*[a-zA-Z][a-zA-Z\s.]*$")   # "18 dollars", "3.5 hours"
 _FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
 _TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
 
@@ -63,7 +65,10 @@ def _extract_answer_is(text: str) -> str | None:
         return None
     tail = matches[-1].group(1).strip().splitlines()[0]
     number = extract_last_number(tail)
-    return number if number else tail.rstrip(".").strip() or None
+    if number:
+        return number
+    words = tail.rstrip(".").strip()
+    return words if words and len(words.split()) <= 3 else None   # a phrase, not a sentence
 
 
 def normalize_answer(answer: str) -> str:
@@ -74,6 +79,10 @@ def normalize_answer(answer: str) -> str:
     for junk in ("\\left", "\\right", "\\!", "\\,", "\\$", "$", "^\\circ", "^{\\circ}", "\\%", "%"):
         s = s.replace(junk, "")
     s = s.strip().rstrip(".,;:!").strip()
+    s = _ASSIGNMENT.sub("", s)
+    unit = _WITH_UNIT.match(s)
+    if unit:
+        s = unit.group(1).replace(" ", "")
     value = to_number(s)
     if value is not None:
         return format_number(value)

@@ -61,7 +61,7 @@ def self_consistency(s: ThinkSession, n: int = 8, vote: str = "majority", scorer
     branches = yield from _sample(s, _positive(n, "n"))
     candidates = yield from _candidates(s, branches, scorer, extract)
     weights = [c.score for c in candidates] if vote == "weighted" else None
-    return _voted("self-consistency", candidates, tally([c.answer for c in candidates], weights))
+    return _voted("self-consistency", candidates, tally(_ballots(candidates), weights))
 
 
 def best_of_n(s: ThinkSession, n: int = 8, scorer="self-eval",
@@ -107,7 +107,7 @@ def deepconf(s: ThinkSession, n: int = 32, warmup: int = 16, keep_top: float = 0
     online = s.launch(s.fork(root, n - warmup))
     dropped: list[Candidate] = []
     while online:
-        votes = tally([c.answer for c in kept], [c.score for c in kept])
+        votes = tally(_ballots(kept), [c.score for c in kept])
         top = winner(votes)
         reached = top is not None and votes[top] >= consensus * sum(votes.values())
         for b in list(online):
@@ -123,7 +123,7 @@ def deepconf(s: ThinkSession, n: int = 32, warmup: int = 16, keep_top: float = 0
             online.remove(b)
         if online:
             yield
-    result = _voted("deepconf", kept, tally([c.answer for c in kept], [c.score for c in kept]))
+    result = _voted("deepconf", kept, tally(_ballots(kept), [c.score for c in kept]))
     result.candidates += dropped
     result.metrics = {"threshold": threshold, "stopped_early": len(dropped)}
     return result
@@ -229,6 +229,12 @@ def _sample(s: ThinkSession, n: int) -> Gen[list[Sequence]]:
 def _candidates(s: ThinkSession, branches, scorer, extract) -> Gen[list[Candidate]]:
     scores = (yield from s.score(branches, make_scorer(scorer))) if scorer is not None else [None] * len(branches)
     return [s.candidate(b, score, extract) for b, score in zip(branches, scores)]
+
+
+def _ballots(candidates: list[Candidate]) -> list[str | None]:
+    """What each candidate votes for: its answer, unless it was cut at max_tokens — a truncated
+    solution's last number is where it stopped, not what it concluded — or has none."""
+    return [c.answer if c.finish_reason != "length" else None for c in candidates]
 
 
 def _voted(name: str, candidates: list[Candidate], votes: dict[str, float]) -> ThinkResult:

@@ -56,3 +56,29 @@ def test_pass_at_k_is_the_unbiased_estimator():
     assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
     with pytest.raises(ValueError):
         pass_at_k(4, 5, 1)
+
+
+@pytest.mark.parametrize("text, answer", [
+    (r"so the total is \boxed{18 \text{ dollars}}", "18"),
+    (r"\boxed{x = 18}", "18"),
+    (r"\boxed{3.5 hours}", "3.5"),
+    ("Final answer = 12 cm", "12"),
+    ("The answer is: yes", "yes"),
+    ("x=7 apples", "7"),
+])
+def test_units_and_assignments_are_stripped(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_a_sentence_after_answer_is_not_an_answer():
+    assert extract_answer("so the answer would be that we need to ask again") is None
+
+
+def test_a_truncated_sample_does_not_vote():
+    from ponder.think.result import Candidate
+    from ponder.think.strategies import _ballots
+
+    pool = [Candidate("... 7", "7", finish_reason="length"), Candidate("... 7", "7", finish_reason="length"),
+            Candidate(r"\boxed{12}", "12", finish_reason="stop"), Candidate("no idea", None, finish_reason="stop")]
+    assert _ballots(pool) == [None, None, "12", None]
+    assert winner(tally(_ballots(pool))) == "12"
