@@ -11,7 +11,7 @@ from ponder.config import EngineConfig, engine_options
 
 # Every command that builds an engine (`bench serve` drives servers over HTTP: --ponder-args).
 COMMANDS = [["generate", "hi"], ["chat"], ["serve"], ["think", "q"], ["bench", "throughput"],
-            ["bench", "single-stream"], ["bench", "tune"], ["bench", "costmodel"]]
+            ["bench", "single-stream"], ["bench", "tune"], ["bench", "costmodel"], ["bench", "think"]]
 SETTINGS = {"dtype": ("--dtype", "bfloat16", "bfloat16"), "block_size": ("--block-size", "8", 8),
             "num_kv_blocks": ("--num-kv-blocks", "12", 12), "kv_cache_memory_gb": ("--kv-cache-memory-gb", "0.5", 0.5),
             "max_num_seqs": ("--max-num-seqs", "3", 3), "max_num_batched_tokens": ("--max-num-batched-tokens", "64", 64),

@@ -1,0 +1,187 @@
+"""`ponder bench think`: GSM8K measured as the papers do, from one seeded pool of samples.
+
+For each problem: a greedy answer and a pool of `--samples` seeded samples (one think run of
+`parallel`, so all branches share the prompt's KV), with Qwen's math system prompt, the model's
+recommended sampling unless set, and ≥ 1024 new tokens. Every vote-based selection is computed from
+the pool in its order — maj@k for k = 1, 2, 4, … — so they are compared on the same samples; a sample
+cut at max_tokens, or without an extractable answer, casts no vote. Reported with Wilson 95%
+intervals: greedy, per-sample accuracy, pass@k (unbiased), maj@k, and maj@k against greedy paired
+per problem; tokens and wall time. Problems 1–200 of the data are the reported split ("dev"),
+201–800 the tuning split ("tune"): choose thresholds and prompts on the second only.
+
+Runs are resumable: each problem's pool is appended to `--progress` (JSONL) as it completes, and a
+rerun with the same settings continues after the last saved problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+from ponder.think.answers import answers_equal, extract_after_hashes
+from ponder.think.voting import pass_at_k, tally, winner
+
+QWEN_MATH_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+SPLITS = {"dev": (0, 200), "tune": (200, 800)}
+
+
+@dataclass
+class Sample:
+    answer: str | None
+    finish_reason: str | None
+    tokens: int
+    correct: bool
+
+    @property
+    def votes(self) -> bool:
+        return self.answer is not None and self.finish_reason != "length"
+
+
+def add_parser(cmds) -> argparse.ArgumentParser:
+    p = cmds.add_parser("think", help="GSM8K from one seeded pool: greedy, pass@k, maj@k with intervals")
+    p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data",
+                                                 "gsm8k", "test_dev.jsonl"))
+    p.add_argument("--split", choices=sorted(SPLITS), default="dev")
+    p.add_argument("--limit", type=int, default=None, help="first N problems of the split")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=4, help="problems run together (their branches batch)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--system", default=QWEN_MATH_PROMPT)
+    p.add_argument("--progress", default=None, help="JSONL of finished problems (resumes from it)")
+    p.add_argument("--output", default=None, help="the report, JSON")
+    p.set_defaults(bench_func=cmd_think)
+    return p
+
+
+def load_split(path: str, split: str, limit: int | None) -> list[dict]:
+    first, end = SPLITS[split]
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()][first:end]
+    rows = rows[:limit] if limit is not None else rows
+    return [{"index": first + i, "question": r["question"], "reference": extract_after_hashes(r["answer"])}
+            for i, r in enumerate(rows)]
+
+
+def cmd_think(args) -> int:
+    from ponder import LLM
+    from ponder.config import engine_options
+
+    llm = LLM(args.model, **engine_options(args))
+    problems = load_split(args.data, args.split, args.limit)
+    sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k))
+                if v is not None}
+    settings = {"model": args.model, "split": args.split, "samples": args.samples, "max_tokens": args.max_tokens,
+                "seed": args.seed, "system": args.system, **sampling}
+    done = _resume(args.progress, settings)
+    todo = [p for p in problems if p["index"] not in done]
+    for start in range(0, len(todo), args.batch):
+        for row in run_problems(llm, todo[start:start + args.batch], args, sampling):
+            done[row["index"]] = row
+            if args.progress:
+                with open(args.progress, "a") as f:
+                    f.write(json.dumps({"settings": settings, **row}) + "\n")
+        print(f"{len(done)}/{len(problems)} problems", flush=True)
+    report = summarize([done[p["index"]] for p in problems], args.samples)
+    report["settings"] = settings
+    print(json.dumps({k: v for k, v in report.items() if k != "problems"}, indent=1))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def run_problems(llm, problems: list[dict], args, sampling: dict) -> list[dict]:
+    """Greedy and the seeded pool of each problem (the problems of a batch run together)."""
+    prompts = [[{"role": "system", "content": args.system}, {"role": "user", "content": p["question"]}]
+               for p in problems]
+    start = time.perf_counter()
+    greedy = llm.think(prompts, "greedy", max_tokens=args.max_tokens)
+    # one seed for all: a problem's pool depends only on (seed, prompt), whatever it runs beside
+    pools = llm.think(prompts, "parallel", n=args.samples, max_tokens=args.max_tokens, seed=args.seed, **sampling)
+    wall = (time.perf_counter() - start) / len(problems)
+    rows = []
+    for p, g, pool in zip(problems, greedy, pools):
+        samples = [Sample(c.answer, c.finish_reason, c.num_tokens, answers_equal(c.answer, p["reference"]))
+                   for c in pool.candidates]
+        rows.append({"index": p["index"], "reference": p["reference"],
+                     "greedy": asdict(Sample(g.final_answer, g.candidates[0].finish_reason if g.candidates else None,
+                                             g.usage.get("generated_tokens", 0),
+                                             answers_equal(g.final_answer, p["reference"]))),
+                     "samples": [asdict(s) for s in samples], "usage": pool.usage, "wall_s": round(wall, 2)})
+    return rows
+
+
+def _resume(path: str | None, settings: dict) -> dict[int, dict]:
+    if not path or not os.path.exists(path):
+        return {}
+    done = {}
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if row.pop("settings") == settings:
+                done[row["index"]] = row
+    return done
+
+
+# -- the report -------------------------------------------------------------------------------------
+def summarize(rows: list[dict], samples: int) -> dict:
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= samples]
+    pools = [[Sample(**s) for s in row["samples"]] for row in rows]
+    greedy = [row["greedy"]["correct"] for row in rows]
+    n = len(rows)
+    report = {"problems": n, "greedy": _rate(sum(greedy), n),
+              "per_sample": _rate(sum(s.correct for pool in pools for s in pool), sum(len(p) for p in pools)),
+              "pass@k": {k: round(sum(pass_at_k(len(p), sum(s.correct for s in p), k) for p in pools) / n, 4)
+                         for k in ks},
+              "maj@k": {}, "maj@k_vs_greedy": {},
+              "truncated_samples": sum(s.finish_reason == "length" for pool in pools for s in pool),
+              "no_answer_samples": sum(s.answer is None for pool in pools for s in pool),
+              "generated_tokens_per_sample": round(sum(s.tokens for p in pools for s in p) /
+                                                   max(1, sum(len(p) for p in pools)), 1)}
+    for k in ks:
+        correct = [majority_correct(pool[:k], row["reference"]) for pool, row in zip(pools, rows)]
+        report["maj@k"][k] = _rate(sum(correct), n)
+        report["maj@k_vs_greedy"][k] = paired_difference(correct, greedy)
+    return report
+
+
+def majority_correct(pool: list[Sample], reference: str | None) -> bool:
+    """Whether the majority of the voting samples is right (no vote at all: wrong)."""
+    top = winner(tally([s.answer if s.votes else None for s in pool]))
+    return answers_equal(top, reference)
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, center - half), min(1.0, center + half))
+
+
+def paired_difference(a: list[bool], b: list[bool], z: float = 1.96) -> dict:
+    """Mean per-problem difference a - b with its 95% interval (normal approximation over the
+    paired differences), and the discordant counts."""
+    n = len(a)
+    diffs = [int(x) - int(y) for x, y in zip(a, b)]
+    mean = sum(diffs) / n if n else 0.0
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    half = z * math.sqrt(var / n) if n else 0.0
+    return {"difference": round(mean, 4), "ci95": [round(mean - half, 4), round(mean + half, 4)],
+            "only_first_right": sum(d > 0 for d in diffs), "only_second_right": sum(d < 0 for d in diffs)}
+
+
+def _rate(successes: int, n: int) -> dict:
+    low, high = wilson(successes, n)
+    return {"correct": successes, "n": n, "accuracy": round(successes / n, 4) if n else 0.0,
+            "ci95": [round(low, 4), round(high, 4)]}

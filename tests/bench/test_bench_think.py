@@ -1,0 +1,78 @@
+"""`ponder bench think`: the pool, its report (Wilson intervals, pass@k, maj@k, paired differences)
+and resuming."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from ponder.bench import think_eval
+from ponder.bench.think_eval import Sample, paired_difference, run_problems, summarize, wilson
+from ponder.llm import LLM
+
+
+def test_wilson_interval_matches_the_formula():
+    low, high = wilson(5, 30)
+    assert (round(low, 3), round(high, 3)) == (0.073, 0.336)       # the issue's 7-34% around 5/30
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def _row(reference, greedy_right, samples):
+    return {"reference": reference, "greedy": {"answer": None, "finish_reason": "stop", "tokens": 1,
+                                               "correct": greedy_right},
+            "samples": [{"answer": a, "finish_reason": f, "tokens": 10, "correct": a == reference}
+                        for a, f in samples]}
+
+
+def test_report_counts_votes_from_the_pool_in_order():
+    rows = [_row("7", False, [("7", "length"), ("7", "length"), ("3", "stop"), ("7", "stop")]),
+            _row("5", True, [("5", "stop"), ("2", "stop"), ("2", "stop"), (None, "stop")])]
+    report = summarize(rows, 4)
+    assert report["maj@k"][1]["correct"] == 1            # problem 1's first sample was cut: no vote
+    assert report["maj@k"][2]["correct"] == 1            # problem 2: 5 and 2 tie, the first seen (5) wins
+    assert report["maj@k"][4]["correct"] == 0            # 3 and 7 tie (the cut 7s do not vote); 2 beats 5
+    assert report["pass@k"][4] == 1.0 and report["pass@k"][1] == round((3 / 4 + 1 / 4) / 2, 4)
+    assert report["truncated_samples"] == 2 and report["no_answer_samples"] == 1
+    assert report["maj@k_vs_greedy"][4]["only_first_right"] == 0 and report["maj@k_vs_greedy"][4]["only_second_right"] == 1
+
+
+def test_paired_difference():
+    diff = paired_difference([True] * 8 + [False] * 2, [True] * 5 + [False] * 5)
+    assert diff["difference"] == 0.3 and diff["ci95"][0] > 0
+
+
+@pytest.fixture
+def problems(tmp_path):
+    path = tmp_path / "gsm.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"... #### {2 * i}"}) + "\n"
+                            for i in range(3)))
+    return think_eval.load_split(str(path), "dev", None)
+
+
+def _args(**kw):
+    return argparse.Namespace(**{"system": think_eval.QWEN_MATH_PROMPT, "samples": 4, "max_tokens": 6, "seed": 3,
+                                 **kw})
+
+
+def test_a_problem_s_pool_does_not_depend_on_its_batch(make_tiny_engine, problems):
+    llm = LLM.from_engine(make_tiny_engine(weights="q8_0"))
+    together = run_problems(llm, problems, _args(), {"temperature": 1.0})
+    alone = run_problems(llm, problems[1:2], _args(), {"temperature": 1.0})
+    assert [len(r["samples"]) for r in together] == [4, 4, 4]
+    assert together[1]["samples"] == alone[0]["samples"]
+    assert together[1]["greedy"] == alone[0]["greedy"]
+
+
+def test_resume_skips_what_was_saved(tmp_path, problems):
+    path = tmp_path / "progress.jsonl"
+    settings = {"model": "m", "split": "dev"}
+    path.write_text(json.dumps({"settings": settings, "index": 1, "samples": []}) + "\n"
+                    + json.dumps({"settings": {"model": "other"}, "index": 2, "samples": []}) + "\n")
+    assert set(think_eval._resume(str(path), settings)) == {1}
+
+
+def test_sample_votes_only_when_finished_with_an_answer():
+    assert Sample("1", "stop", 3, True).votes and not Sample("1", "length", 3, True).votes
+    assert not Sample(None, "stop", 3, False).votes
