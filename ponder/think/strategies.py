@@ -199,10 +199,46 @@ def particle_filtering(s: ThinkSession, n: int = 8, scorer="self-eval", delimite
     return ThinkResult("particle-filtering", chosen.text, chosen.answer, candidates)
 
 
+def adaptive_consistency(s: ThinkSession, n: int = 16, wave: int = 4, confidence: float = 0.95,
+                         extract: Extract = extract_answer) -> Gen[ThinkResult]:
+    """Self-consistency that stops early (Adaptive-Consistency, Aggarwal et al. 2023): samples come
+    in waves of `wave`, and sampling stops once the leading answer is, with posterior probability
+    ≥ `confidence`, more likely than the runner-up (a Beta stopping rule), or after n samples. The
+    samples are those of a self-consistency pool in order (the same seeds), so it spends at most
+    what self-consistency@n does."""
+    n, wave = _positive(n, "n"), _positive(wave, "wave")
+    if not 0.5 <= confidence < 1.0:
+        raise InvalidOption("confidence", f"confidence must be in [0.5, 1), got {confidence!r}")
+    root = yield from s.start()
+    candidates: list[Candidate] = []
+    votes: dict[str, float] = {}
+    while len(candidates) < n:
+        branches = s.fork(root, min(wave, n - len(candidates)))
+        yield from s.generate(branches)
+        candidates += [s.candidate(b, extract=extract) for b in branches]
+        votes = tally(_ballots(candidates))
+        if majority_settled(votes, confidence):
+            break
+    s.emit("stopped", samples=len(candidates), of=n)
+    return _voted("adaptive-consistency", candidates, votes)
+
+
+def majority_settled(votes: dict[str, float], confidence: float) -> bool:
+    """P(p_top > p_second) ≥ confidence, with p_top / (p_top + p_second) ~ Beta(a + 1, b + 1) for
+    a and b the two largest vote counts: that is P(Binomial(a + b + 1, 1/2) ≤ a)."""
+    counts = sorted((int(v) for v in votes.values()), reverse=True)
+    if not counts:
+        return False
+    a, b = counts[0], counts[1] if len(counts) > 1 else 0
+    trials = a + b + 1
+    return sum(math.comb(trials, j) for j in range(a + 1)) / 2 ** trials >= confidence
+
+
 STRATEGIES = {
     "greedy": greedy,
     "parallel": parallel,
     "self-consistency": self_consistency,
+    "adaptive-consistency": adaptive_consistency,
     "best-of-n": best_of_n,
     "deepconf": deepconf,
     "beam-search": beam_search,

@@ -238,3 +238,43 @@ def test_confidence_kinds():
     assert trace_confidence(lps, "mean") == pytest.approx(sum(confs) / 3)
     assert trace_confidence(lps, "min-window", window=2) == pytest.approx(min(1.275, 1.775))
     assert trace_confidence(lps, "tail", window=1) == pytest.approx(2.55)
+
+
+# -- adaptive consistency ----------------------------------------------------------------------------
+def test_beta_stopping_rule():
+    from ponder.think.strategies import majority_settled
+
+    assert not majority_settled({}, 0.95)
+    assert not majority_settled({"1": 3}, 0.95)          # P(Bin(4, 1/2) <= 3) = 15/16
+    assert majority_settled({"1": 4}, 0.95)              # 31/32
+    assert not majority_settled({"1": 6, "2": 4}, 0.95)
+    assert majority_settled({"1": 12, "2": 2}, 0.95)
+
+
+UNANIMOUS = {">": {"4": 1.0}, "4": {"EOS": 1.0}}
+
+
+def test_adaptive_consistency_stops_early_on_agreement_and_spends_what_sc_would(make_bigram_engine):
+    from ponder.think.strategies import adaptive_consistency
+
+    engine = make_bigram_engine(UNANIMOUS)
+    s = _session(engine)
+    result = s.run(adaptive_consistency(s, n=16, wave=2))
+    assert result.final_answer == "4" and len(result.candidates) == 4   # 2 agree: 7/8; 4 agree: 31/32 >= 0.95
+    _finish(s, engine)
+
+
+def test_adaptive_consistency_samples_are_the_self_consistency_pool_in_order(make_bigram_engine):
+    from ponder.think.strategies import adaptive_consistency
+
+    engine = make_bigram_engine(VOTES_SCRIPT)
+    s = _session(engine)
+    adaptive = s.run(adaptive_consistency(s, n=12, wave=3))
+    _finish(s, engine)
+    s = _session(engine)
+    pool = s.run(self_consistency(s, n=12))
+    _finish(s, engine)
+    k = len(adaptive.candidates)
+    assert [c.text for c in adaptive.candidates] == [c.text for c in pool.candidates[:k]]
+    if k == 12:
+        assert adaptive.final_answer == pool.final_answer
