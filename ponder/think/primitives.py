@@ -199,7 +199,8 @@ class ThinkSession:
         return {"prompt_tokens_computed": r.tokens_prefilled + extra["prompt_tokens_computed"],
                 "prompt_tokens_cached": r.tokens_reused + extra["prompt_tokens_cached"],
                 "generated_tokens": r.tokens_generated + extra["generated_tokens"],
-                "scorer_calls": self.scorer_calls}
+                "scorer_calls": self.scorer_calls,
+                **({"sandbox_runs": extra["sandbox_runs"]} if extra["sandbox_runs"] else {})}
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:

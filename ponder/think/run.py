@@ -22,7 +22,7 @@ DEFAULT_STRATEGY = "self-consistency"
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "structured_outputs")
 THINK_MAX_TOKENS = 512          # per branch, unless max_tokens is set
 ALIASES = {"sc": "self-consistency", "ac": "adaptive-consistency", "bon": "best-of-n", "beam": "beam-search",
-           "pf": "particle-filtering"}
+           "pf": "particle-filtering", "pal": "program-of-thought", "pot": "program-of-thought"}
 
 
 @dataclass(frozen=True)

@@ -278,3 +278,32 @@ def test_adaptive_consistency_samples_are_the_self_consistency_pool_in_order(mak
     assert [c.text for c in adaptive.candidates] == [c.text for c in pool.candidates[:k]]
     if k == 12:
         assert adaptive.final_answer == pool.final_answer
+
+
+# -- program of thought ------------------------------------------------------------------------------
+# print(6*7) -> 42, print(6+7) -> 13, print(x) -> NameError (no vote)
+PROGRAMS = {">": {"p": 1.0}, "p": {"r": 1.0}, "r": {"i": 1.0}, "i": {"n": 1.0}, "n": {"t": 1.0}, "t": {"(": 1.0},
+            "(": {"6": 0.8, "x": 0.2}, "6": {"*": 0.6, "+": 0.4}, "*": {"7": 1.0}, "+": {"7": 1.0},
+            "7": {")": 1.0}, "x": {")": 1.0}, ")": {"EOS": 1.0}}
+
+
+def test_program_of_thought_votes_with_what_the_programs_print(make_bigram_engine):
+    from ponder.think.strategies import program_of_thought
+
+    engine = make_bigram_engine(PROGRAMS)
+    s = _session(engine)
+    result = s.run(program_of_thought(s, n=12, timeout=5.0))
+    by_text = {"print(6*7)": "42", "print(6+7)": "13", "print(x)": None}
+    assert all(c.answer == by_text[c.text] for c in result.candidates)
+    expected = Counter(by_text[c.text] for c in result.candidates if by_text[c.text] is not None)
+    assert result.votes == dict(expected) and result.final_answer == expected.most_common(1)[0][0]
+    assert s.usage()["sandbox_runs"] == 12
+    _finish(s, engine)
+
+
+def test_program_text_takes_the_last_fenced_block():
+    from ponder.think.strategies import program_text
+
+    reply = "First:\n```python\nprint(1)\n```\nBetter:\n```python\nx = 2\nprint(x * 21)\n```\nDone."
+    assert program_text(reply) == "x = 2\nprint(x * 21)\n"
+    assert program_text("print(5)") == "print(5)"
