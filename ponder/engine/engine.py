@@ -18,6 +18,7 @@ from ponder.engine.sequence import Action, Control, Request, Sequence, SequenceS
 from ponder.engine.setup import build_parts
 from ponder.engine.speculation import Speculation
 from ponder.engine.structured import GrammarMask, Grammars
+from ponder.engine.token_stats import SelfCertaintyExtension
 from ponder.layers.sampler import SamplerExtension, SamplerOutput, SamplingBatch, sample
 from ponder.model.loader import LoadedModel, weight_stats
 from ponder.outputs import RequestOutput
@@ -51,7 +52,8 @@ class LLMEngine:
         self._weight_stats = weight_stats(self.loaded)
         self._ids = itertools.count()
         self.grammars = Grammars(self.tokenizer.to_json(), self.vocab_size, self.eos_token_ids, torch.get_num_threads())
-        self.sampler_extensions: tuple[SamplerExtension, ...] = (ProbeExtension(), GrammarMask(self.grammars))
+        self.sampler_extensions: tuple[SamplerExtension, ...] = (ProbeExtension(), GrammarMask(self.grammars),
+                                                                 SelfCertaintyExtension())
         self.speculation = Speculation(config.speculative_method, config.num_speculative_tokens,
                                        config.prompt_lookup_min, config.prompt_lookup_max,
                                        config.speculative_disable_by_batch_size, self.max_model_len, parts.draft)
@@ -181,6 +183,7 @@ class LLMEngine:
         """Append each row's token (detokenize, check stops), or a drafting sequence's accepted
         tokens, or record a probe; end what is done."""
         probes = out.extras.get(ProbeExtension.name, {})
+        certainty = out.extras.get(SelfCertaintyExtension.name, {})
         verified = self.speculation.drawn(seqs, out.token_ids, out.logprobs)
         now = time.monotonic()
         for row, (seq, token, logprob) in enumerate(zip(seqs, out.token_ids, out.logprobs)):
@@ -197,6 +200,8 @@ class LLMEngine:
                 self._accept(seq, verified[id(seq)] + [(token, logprob)])
             else:
                 self._append_token(seq, token, logprob)
+                if row in certainty:
+                    seq.self_certainty.append(certainty[row])
             if seq.control is not None and (seq.finish_reason is not None or seq.control.stop_reason is not None):
                 self.scheduler.park(seq)   # the program frees it when it is done with it
             elif seq.finish_reason is not None:
@@ -287,7 +292,8 @@ class LLMEngine:
                              finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
                              last_sampled_pos=seq.last_sampled_pos,
                              control=Control(Action.GENERATE) if seq.control is not None else None,
-                             matcher=seq.matcher.deep_copy() if seq.matcher is not None else None)
+                             matcher=seq.matcher.deep_copy() if seq.matcher is not None else None,
+                             self_certainty=list(seq.self_certainty) if seq.self_certainty is not None else None)
             self.kv.fork(seq, child)
             request.tokens_reused += seq.num_computed_tokens
             request.seqs.append(child)
@@ -343,6 +349,11 @@ class LLMEngine:
         append_tokens(seq, list(token_ids), self.tokenizer)
         if seq.matcher is not None:       # forced text the constraint must read, like sampled text
             seq.matcher.consume_tokens(list(token_ids))
+
+    def track_self_certainty(self, seq: Sequence) -> None:
+        """Record the Self-Certainty of each token `seq` (and its forks) generates from now on."""
+        if seq.self_certainty is None:
+            seq.self_certainty = []
 
     def release(self, seq: Sequence, reason: str = "pruned") -> None:
         """Free `seq`'s blocks now and drop it from its request (think prune)."""

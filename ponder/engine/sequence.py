@@ -77,6 +77,7 @@ class Sequence:
     stop_reason: str | int | None = None
     control: Control | None = None           # set while a program (think) drives this sequence
     matcher: object | None = None            # structured output: an llguidance matcher at this point of the text
+    self_certainty: list[float] | None = None  # per generated token, when asked for (engine/token_stats.py)
     num_draft: int = 0                       # trailing tokens that are drafts being verified this step
     spec_k: int = 0                          # draft length to try next (adapted to acceptance; 0: unset)
     last_sampled_pos: int = -1               # position of the latest sampled token (usage accounting)

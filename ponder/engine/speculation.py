@@ -92,7 +92,7 @@ class Speculation:
         """How many tokens `seq` may draft now: 0 unless it is decoding plainly (its one new token
         uncomputed, not forking, not a think probe or prefill), at most what its
         max_tokens and the context leave after the token the verification draws itself."""
-        if (seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed != 1
+        if (seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed != 1 or seq.self_certainty is not None
                 or (seq.control is not None and seq.control.action is not Action.GENERATE)
                 or (seq.params.n > 1 and len(seq.request.seqs) == 1)):
             return 0

@@ -65,6 +65,10 @@ class ThinkSession:
         """Change the sampling of every branch from the next token on (validated)."""
         self.request.params = dataclasses.replace(self.request.params, **sampling)
 
+    def require_self_certainty(self) -> None:
+        """Record each generated token's Self-Certainty (call before generating)."""
+        self.engine.track_self_certainty(self.root)
+
     def require_logprobs(self, top_k: int) -> None:
         """Record top-k logprobs for every sampled token (call before generating)."""
         if top_k and (self.params.logprobs or 0) < top_k:

@@ -42,6 +42,20 @@ class ConfidenceScorer:
 
 
 @dataclass
+class SelfCertaintyScorer:
+    """A trace's mean Self-Certainty: KL(uniform || p) per token over the raw distribution (higher
+    is more certain; engine/token_stats.py)."""
+
+    top_logprobs: int = 0
+    self_certainty: bool = True      # the session records it (see strategies._prepare)
+
+    def __call__(self, session: ThinkSession, seqs) -> list[float]:
+        if any(s.self_certainty is None for s in seqs):
+            raise ValueError("self-certainty needs session.require_self_certainty() before generating")
+        return [sum(s.self_certainty) / len(s.self_certainty) if s.self_certainty else 0.0 for s in seqs]
+
+
+@dataclass
 class VerifierScorer:
     """`verify(completion_text) -> bool | float`, e.g. `exact_match("18")` or running unit tests."""
 
@@ -143,7 +157,8 @@ class RewardModelScorer:
         return list(self.model(session.prompt_text, [s.text for s in seqs]))
 
 
-SCORER_NAMES = ("self-eval", "confidence", "confidence-mean", "confidence-min-window", "confidence-tail")
+SCORER_NAMES = ("self-eval", "self-certainty", "confidence", "confidence-mean", "confidence-min-window",
+                "confidence-tail")
 
 
 def make_scorer(spec, **options):
@@ -154,6 +169,8 @@ def make_scorer(spec, **options):
     if isinstance(spec, str):
         if spec == "self-eval":
             return SelfEvalScorer(**options)
+        if spec == "self-certainty":
+            return SelfCertaintyScorer(**options)
         if spec in ("confidence", "confidence-mean"):
             return ConfidenceScorer("mean", **options)
         if spec.startswith("confidence-") and spec[len("confidence-"):] in KINDS:

@@ -290,6 +290,8 @@ def _prepare(s: ThinkSession, scorer):
     scorer = make_scorer(scorer)
     if scorer is not None:
         s.require_logprobs(getattr(scorer, "top_logprobs", 0))
+        if getattr(scorer, "self_certainty", False):
+            s.require_self_certainty()
     return scorer
 
 

@@ -307,3 +307,34 @@ def test_program_text_takes_the_last_fenced_block():
     reply = "First:\n```python\nprint(1)\n```\nBetter:\n```python\nx = 2\nprint(x * 21)\n```\nDone."
     assert program_text(reply) == "x = 2\nprint(x * 21)\n"
     assert program_text("print(5)") == "print(5)"
+
+
+# -- self-certainty ----------------------------------------------------------------------------------
+def test_self_certainty_is_the_kl_of_uniform_from_the_distribution():
+    import math
+
+    import torch
+
+    from ponder.engine.token_stats import _CertaintyRows
+
+    logprobs = torch.log_softmax(torch.tensor([[0.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0]]), dim=-1)
+    values = _CertaintyRows([0, 1]).observe(logprobs, torch.tensor([0, 0]))
+    p = torch.softmax(torch.tensor([5.0, 0.0, 0.0, 0.0]), dim=-1)
+    assert values[0] == pytest.approx(0.0, abs=1e-6)                      # uniform: no certainty
+    assert values[1] == pytest.approx(sum(0.25 * math.log(0.25 / q) for q in p.tolist()), rel=1e-5)
+
+
+CERTAIN_OR_NOT = {">": {"a": 0.5, "b": 0.5}, "a": {"c": 1.0}, "c": {"EOS": 1.0},
+                  "b": {"d": 0.34, "e": 0.33, "f": 0.33}, "d": {"EOS": 1.0}, "e": {"EOS": 1.0}, "f": {"EOS": 1.0}}
+
+
+def test_best_of_n_by_self_certainty_picks_the_confident_trace(make_bigram_engine):
+    engine = make_bigram_engine(CERTAIN_OR_NOT)
+    s = _session(engine)
+    result = s.run(best_of_n(s, n=8, scorer="self-certainty"))
+    texts = {c.text for c in result.candidates}
+    assert "ac" in texts and texts - {"ac"}                            # both kinds were sampled
+    assert result.answer == "ac"
+    by_text = {c.text: c.score for c in result.candidates}
+    assert all(by_text["ac"] > score for text, score in by_text.items() if text != "ac")
+    _finish(s, engine)
