@@ -92,6 +92,8 @@ OPTIONS = {o.name: o for o in [
     StrategyOption("keep_top", _number, float, "deepconf: 0.9 (high) or 0.1 (low)"),
     StrategyOption("consensus", _number, float, "deepconf: vote share that stops all"),
     StrategyOption("wave", _count, int, "adaptive consistency: samples drawn at a time"),
+    StrategyOption("vote_temperature", _number, float, "self-consistency weighted: softmax temperature of the "
+                                                       "scores (CISC)"),
     StrategyOption("timeout", _number, float, "program of thought: seconds a program may run"),
     StrategyOption("confidence", _number, float, "adaptive consistency: posterior that the leading answer "
                                                  "leads, to stop"),

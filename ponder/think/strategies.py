@@ -18,7 +18,7 @@ from ponder.engine.sequence import Sequence
 from ponder.sampling_params import InvalidOption
 from ponder.think.answers import exact_match, extract_answer
 from ponder.think.confidence import ConfidenceTrace
-from ponder.think.primitives import Gen, ThinkSession
+from ponder.think.primitives import Gen, ThinkSession, softmax
 from ponder.think.result import Candidate, ThinkResult
 from ponder.think.scorers import ConfidenceScorer, make_scorer
 from ponder.think.voting import pass_at_k, tally, winner
@@ -52,15 +52,21 @@ def parallel(s: ThinkSession, n: int = 8, scorer=None, reference=None,
 
 
 def self_consistency(s: ThinkSession, n: int = 8, vote: str = "majority", scorer=None,
-                     extract: Extract = extract_answer) -> Gen[ThinkResult]:
+                     vote_temperature: float | None = None, extract: Extract = extract_answer) -> Gen[ThinkResult]:
     """n samples vote on their normalised answers: one vote each ("majority"), or their scores
-    ("weighted"; DeepConf's mean confidence unless a scorer is given)."""
+    ("weighted"; DeepConf's mean confidence unless a scorer is given). With `vote_temperature` T,
+    a weighted vote counts softmax(score / T) over the samples (CISC: P(True) from self-eval, or
+    trace confidence, sharpened or flattened)."""
     if vote not in ("majority", "weighted"):
         raise InvalidOption("vote", f"vote must be 'majority' or 'weighted', got {vote!r}")
+    if vote_temperature is not None and (vote != "weighted" or not vote_temperature > 0):
+        raise InvalidOption("vote_temperature", "vote_temperature needs vote='weighted' and a value > 0")
     scorer = _prepare(s, ConfidenceScorer("mean") if vote == "weighted" and scorer is None else scorer)
     branches = yield from _sample(s, _positive(n, "n"))
     candidates = yield from _candidates(s, branches, scorer, extract)
     weights = [c.score for c in candidates] if vote == "weighted" else None
+    if weights is not None and vote_temperature is not None:
+        weights = softmax([w / vote_temperature for w in weights])
     return _voted("self-consistency", candidates, tally(_ballots(candidates), weights))
 
 

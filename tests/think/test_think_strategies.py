@@ -338,3 +338,20 @@ def test_best_of_n_by_self_certainty_picks_the_confident_trace(make_bigram_engin
     by_text = {c.text: c.score for c in result.candidates}
     assert all(by_text["ac"] > score for text, score in by_text.items() if text != "ac")
     _finish(s, engine)
+
+
+def test_weighted_vote_with_a_softmax_temperature(make_bigram_engine):
+    """CISC: a low temperature lets the best-scored answer win against more votes, a high one
+    falls back to counting."""
+    engine = make_bigram_engine(VOTES_SCRIPT)
+    favour_two = Recorder(lambda ids: 1.0 if ids[:1] == (ord("2"),) else 0.0)
+    s = _session(engine)
+    sharp = s.run(self_consistency(s, n=24, vote="weighted", scorer=favour_two, vote_temperature=0.01))
+    _finish(s, engine)
+    s = _session(engine)
+    flat = s.run(self_consistency(s, n=24, vote="weighted", scorer=favour_two, vote_temperature=1000.0))
+    _finish(s, engine)
+    counts = Counter(c.answer for c in flat.candidates if c.answer)
+    assert sharp.final_answer == "2"
+    assert flat.final_answer == counts.most_common(1)[0][0]
+    assert sum(sharp.votes.values()) == pytest.approx(1.0)
