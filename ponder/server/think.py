@@ -21,7 +21,7 @@ from ponder.server.responses import ChatRenderer
 from ponder.think.result import ThinkResult
 from ponder.think.run import DEFAULT_STRATEGY, SAMPLING_FIELDS, THINK_MAX_TOKENS, strategy_name
 from ponder.think.options import OPTIONS, check_option, options_of
-from ponder.think.strategies import STRATEGIES
+from ponder.think.catalog import STRATEGIES
 
 # body fields plain sampling has and a think request cannot honour (n: use ponder.n)
 _PLAIN_ONLY = ("stop", "stop_token_ids", "logit_bias", "presence_penalty", "frequency_penalty",

@@ -6,7 +6,7 @@ from ponder.think.result import Candidate, ThinkResult
 from ponder.think.run import ThinkPrompt, ThinkRun, run_think_request, start_think, start_think_request, think
 from ponder.think.scorers import (ConfidenceScorer, RewardModelScorer, SelfEvalScorer, VerifierScorer,
                                   make_scorer)
-from ponder.think.strategies import STRATEGIES
+from ponder.think.catalog import STRATEGIES
 from ponder.think.voting import pass_at_k
 
 __all__ = ["ThinkSession", "drive", "ThinkResult", "Candidate", "ThinkPrompt", "ThinkRun", "think", "start_think",

@@ -10,7 +10,7 @@ from ponder.config import add_engine_arguments
 from ponder.sampling_params import add_sampling_arguments, sampling_fields
 from ponder.think.options import OPTIONS
 from ponder.think.run import ALIASES, DEFAULT_STRATEGY, THINK_MAX_TOKENS, strategy_name
-from ponder.think.strategies import STRATEGIES
+from ponder.think.catalog import STRATEGIES
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

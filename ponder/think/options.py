@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from ponder.sampling_params import InvalidOption
 from ponder.think.scorers import SCORER_NAMES
-from ponder.think.strategies import STRATEGIES
+from ponder.think.catalog import STRATEGIES
 
 MAX_BRANCHES = 1024            # most branches one option (n, warmup) may ask for
 
@@ -94,7 +94,9 @@ OPTIONS = {o.name: o for o in [
     StrategyOption("wave", _count, int, "adaptive consistency: samples drawn at a time"),
     StrategyOption("vote_temperature", _number, float, "self-consistency weighted: softmax temperature of the "
                                                        "scores (CISC)"),
-    StrategyOption("timeout", _number, float, "program of thought: seconds a program may run"),
+    StrategyOption("timeout", _number, float, "program of thought, execution selection: seconds a program may run"),
+    StrategyOption("style", _string, str, "execution selection: how a sample holds its code",
+                   ("completion", "instruct")),
     StrategyOption("confidence", _number, float, "adaptive consistency: posterior that the leading answer "
                                                  "leads, to stop"),
     StrategyOption("vote", _string, str, "self-consistency: how answers are counted", ("majority", "weighted")),

@@ -14,7 +14,7 @@ from ponder.sampling_params import SamplingParams
 from ponder.think.answers import extract_answer
 from ponder.think.primitives import Gen, ThinkSession
 from ponder.think.result import ThinkResult
-from ponder.think.strategies import STRATEGIES
+from ponder.think.catalog import STRATEGIES
 from ponder.think.voting import tally, winner
 
 DEFAULT_STRATEGY = "self-consistency"

@@ -240,57 +240,6 @@ def majority_settled(votes: dict[str, float], confidence: float) -> bool:
     return sum(math.comb(trials, j) for j in range(a + 1)) / 2 ** trials >= confidence
 
 
-def program_of_thought(s: ThinkSession, n: int = 8, timeout: float = 5.0) -> Gen[ThinkResult]:
-    """Program-of-thought voting (PAL): each of n samples is a Python program (its last ```python
-    block, else its whole text); the sandbox runs them all at once, and the last number each
-    prints is its vote. A program that fails, times out or prints no number casts none; so does
-    one cut at max_tokens. The prompt asks for the program (the caller's part)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ponder.think.sandbox import SandboxLimits, run_python
-
-    n = _positive(n, "n")
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 60:
-        raise InvalidOption("timeout", f"timeout must be in (0, 60] seconds, got {timeout!r}")
-    branches = yield from _sample(s, n)
-    limits = SandboxLimits(wall_s=float(timeout), cpu_s=max(1, math.ceil(timeout)))
-    # (the engine waits for them: at most `timeout`, all n in parallel)
-    with ThreadPoolExecutor(min(n, 8)) as pool:
-        runs = list(pool.map(lambda b: run_python(program_text(b.text), limits=limits), branches))
-    s.extra_usage["sandbox_runs"] += len(runs)
-    candidates = [Candidate(b.text, extract_last_number_answer(run.stdout) if run.ok else None, None,
-                            b.finish_reason, b.num_output_tokens) for b, run in zip(branches, runs)]
-    return _voted("program-of-thought", candidates, tally(_ballots(candidates)))
-
-
-def program_text(text: str) -> str:
-    """The program in a reply: its last fenced ```python (or bare ```) block, else all of it."""
-    import re
-
-    blocks = re.findall(r"```(?:python|py)?[ \t]*\n(.*?)```", text, flags=re.DOTALL)
-    return blocks[-1] if blocks else text
-
-
-def extract_last_number_answer(stdout: str) -> str | None:
-    from ponder.think.answers import extract_last_number, normalize_answer
-
-    number = extract_last_number(stdout)
-    return normalize_answer(number) if number else None
-
-
-STRATEGIES = {
-    "greedy": greedy,
-    "parallel": parallel,
-    "self-consistency": self_consistency,
-    "adaptive-consistency": adaptive_consistency,
-    "program-of-thought": program_of_thought,
-    "best-of-n": best_of_n,
-    "deepconf": deepconf,
-    "beam-search": beam_search,
-    "particle-filtering": particle_filtering,
-}
-
-
 # -- shared pieces ----------------------------------------------------------------------------
 def _prepare(s: ThinkSession, scorer):
     scorer = make_scorer(scorer)

@@ -16,7 +16,7 @@ from ponder.engine.async_engine import AsyncEngine
 from ponder.engine.streams import EngineDeadError, EngineUnavailable, RequestAborted, RequestFailed
 from ponder.engine.programs import STALLED
 from ponder.think.run import ThinkPrompt, think_program
-from ponder.think.strategies import STRATEGIES
+from ponder.think.catalog import STRATEGIES
 from tests.server.conftest import make_tiny_engine
 
 MODEL = "smollm2-135m-instruct"

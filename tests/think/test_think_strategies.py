@@ -288,7 +288,7 @@ PROGRAMS = {">": {"p": 1.0}, "p": {"r": 1.0}, "r": {"i": 1.0}, "i": {"n": 1.0}, 
 
 
 def test_program_of_thought_votes_with_what_the_programs_print(make_bigram_engine):
-    from ponder.think.strategies import program_of_thought
+    from ponder.think.execution import program_of_thought
 
     engine = make_bigram_engine(PROGRAMS)
     s = _session(engine)
@@ -302,7 +302,7 @@ def test_program_of_thought_votes_with_what_the_programs_print(make_bigram_engin
 
 
 def test_program_text_takes_the_last_fenced_block():
-    from ponder.think.strategies import program_text
+    from ponder.think.execution import program_text
 
     reply = "First:\n```python\nprint(1)\n```\nBetter:\n```python\nx = 2\nprint(x * 21)\n```\nDone."
     assert program_text(reply) == "x = 2\nprint(x * 21)\n"
@@ -355,3 +355,25 @@ def test_weighted_vote_with_a_softmax_temperature(make_bigram_engine):
     assert sharp.final_answer == "2"
     assert flat.final_answer == counts.most_common(1)[0][0]
     assert sum(sharp.votes.values()) == pytest.approx(1.0)
+
+
+# -- execution-based selection -----------------------------------------------------------------------
+CODE_PROMPT = 'def f(x):\n    """Twice x.\n    >>> f(2)\n    4\n    >>> f(3)\n    6\n    """\n    return '
+BODIES = {" ": {"x": 1.0}, "x": {"*": 0.3, "+": 0.5, "-": 0.2}, "*": {"2": 1.0}, "+": {"2": 1.0}, "-": {"1": 1.0},
+          "2": {"EOS": 1.0}, "1": {"EOS": 1.0}}
+
+
+def test_execution_selection_prefers_what_passes_the_docstring_examples(make_bigram_engine):
+    from ponder.think.execution import docstring_examples, execution_selection
+
+    assert docstring_examples(CODE_PROMPT) == [("f(2)", "4"), ("f(3)", "6")]
+    engine = make_bigram_engine(BODIES)
+    s = ThinkSession(engine, list(CODE_PROMPT.encode()), SamplingParams(temperature=0.8, seed=5, max_tokens=8))
+    result = s.run(execution_selection(s, n=12, style="completion"))
+    texts = [c.text for c in result.candidates]
+    assert "x*2" in texts and "x+2" in texts and texts.count("x+2") > texts.count("x*2")   # outnumbered ...
+    assert result.answer == "x*2"                                                      # ... yet it passes both
+    passes = {"x*2": 2.0, "x+2": 1.0, "x-1": 0.0}                     # examples each body passes
+    assert {c.text: c.score for c in result.candidates} == {t: passes[t] for t in texts}
+    assert s.usage()["sandbox_runs"] == 12
+    _finish(s, engine)

@@ -174,7 +174,7 @@ def test_strategy_options_are_declared_once_for_every_surface():
     from ponder.sampling_params import InvalidOption
     from ponder.think.cli import think_options
     from ponder.think.options import OPTIONS, check_option, options_of
-    from ponder.think.strategies import STRATEGIES
+    from ponder.think.catalog import STRATEGIES
 
     for name, fn in STRATEGIES.items():
         taken = [p for p in inspect.signature(fn).parameters if p not in ("s", "extract")]

@@ -1,0 +1,115 @@
+"""Strategies that run code the model writes, in the sandbox (think/sandbox.py): program-of-thought
+voting (PAL) for math, and selection by agreement on the prompt's examples (CodeT-style) for code."""
+
+from __future__ import annotations
+
+import math
+
+from ponder.sampling_params import InvalidOption
+from ponder.think.primitives import Gen, ThinkSession
+from ponder.think.result import Candidate, ThinkResult
+from ponder.think.strategies import _ballots, _positive, _sample, _voted
+from ponder.think.voting import tally
+
+
+def program_of_thought(s: ThinkSession, n: int = 8, timeout: float = 5.0) -> Gen[ThinkResult]:
+    """Program-of-thought voting (PAL): each of n samples is a Python program (its last ```python
+    block, else its whole text); the sandbox runs them all at once, and the last number each
+    prints is its vote. A program that fails, times out or prints no number casts none; so does
+    one cut at max_tokens. The prompt asks for the program (the caller's part)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ponder.think.sandbox import SandboxLimits, run_python
+
+    n = _positive(n, "n")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 60:
+        raise InvalidOption("timeout", f"timeout must be in (0, 60] seconds, got {timeout!r}")
+    branches = yield from _sample(s, n)
+    limits = SandboxLimits(wall_s=float(timeout), cpu_s=max(1, math.ceil(timeout)))
+    # (the engine waits for them: at most `timeout`, all n in parallel)
+    with ThreadPoolExecutor(min(n, 8)) as pool:
+        runs = list(pool.map(lambda b: run_python(program_text(b.text), limits=limits), branches))
+    s.extra_usage["sandbox_runs"] += len(runs)
+    candidates = [Candidate(b.text, extract_last_number_answer(run.stdout) if run.ok else None, None,
+                            b.finish_reason, b.num_output_tokens) for b, run in zip(branches, runs)]
+    return _voted("program-of-thought", candidates, tally(_ballots(candidates)))
+
+
+def program_text(text: str) -> str:
+    """The program in a reply: its last fenced ```python (or bare ```) block, else all of it."""
+    import re
+
+    blocks = re.findall(r"```(?:python|py)?[ \t]*\n(.*?)```", text, flags=re.DOTALL)
+    return blocks[-1] if blocks else text
+
+
+def extract_last_number_answer(stdout: str) -> str | None:
+    from ponder.think.answers import extract_last_number, normalize_answer
+
+    number = extract_last_number(stdout)
+    return normalize_answer(number) if number else None
+
+
+def execution_selection(s: ThinkSession, n: int = 8, timeout: float = 5.0, style: str = "completion") -> Gen[ThinkResult]:
+    """Code by agreement (CodeT-style, on the prompt's own examples): n candidate programs run in the
+    sandbox on the `>>> call` examples of the prompt's docstring; candidates that behave alike (the
+    same results on every example) form a group, and the group that passes the most examples,
+    then the largest, wins. `style`: "completion" (the prompt is the function's signature and
+    docstring, the sample its body) or "instruct" (the sample is a reply holding the code)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ponder.think.sandbox import SandboxLimits, run_python
+
+    n = _positive(n, "n")
+    if style not in ("completion", "instruct"):
+        raise InvalidOption("style", f"style must be 'completion' or 'instruct', got {style!r}")
+    examples = docstring_examples(s.prompt_text)
+    branches = yield from _sample(s, n)
+    programs = [(s.prompt_text + b.text) if style == "completion" else program_text(b.text) for b in branches]
+    limits = SandboxLimits(wall_s=float(timeout), cpu_s=max(1, math.ceil(timeout)))
+    with ThreadPoolExecutor(min(n, 8)) as pool:
+        behaviours = list(pool.map(lambda p: _behaviour(p, examples, limits, run_python), programs))
+    s.extra_usage["sandbox_runs"] += len(programs)
+    groups: dict[tuple, list[int]] = {}
+    for i, behaviour in enumerate(behaviours):
+        groups.setdefault(behaviour, []).append(i)
+    def rank(item):
+        behaviour, members = item
+        passed = sum(got == want for got, (_, want) in zip(behaviour, examples)) if behaviour else -1
+        return (passed, len(members), -members[0])
+    best_behaviour, best = max(groups.items(), key=rank)
+    candidates = [Candidate(b.text, None, float(sum(got == want for got, (_, want) in zip(beh, examples)))
+                            if beh else -1.0, b.finish_reason, b.num_output_tokens)
+                  for b, beh in zip(branches, behaviours)]
+    chosen = candidates[best[0]]
+    return ThinkResult("execution-selection", chosen.text, None, candidates,
+                       metrics={"groups": len(groups), "examples": len(examples), "chosen_group": len(best)})
+
+
+def docstring_examples(prompt: str) -> list[tuple[str, str]]:
+    """(call, expected result) pairs of a docstring's `>>> call` lines and the line after each."""
+    lines = prompt.splitlines()
+    found = []
+    for i, line in enumerate(lines[:-1]):
+        stripped = line.strip()
+        if stripped.startswith(">>> ") and lines[i + 1].strip() and not lines[i + 1].strip().startswith(">>>"):
+            found.append((stripped[4:], lines[i + 1].strip()))
+    return found
+
+
+def _behaviour(program: str, examples: list[tuple[str, str]], limits, run_python) -> tuple:
+    """What the program gives on each example (the repr of each result, or "error"); () when it
+    does not even run."""
+    import json
+
+    calls = json.dumps([call for call, _ in examples])
+    script = (program + "\n\nimport json as _json\n_out = []\nfor _call in _json.loads(" + repr(calls) + "):\n"
+              "    try:\n        _out.append(repr(eval(_call)))\n    except Exception:\n"
+              "        _out.append('error')\nprint(_json.dumps(_out))\n")
+    run = run_python(script, limits=limits)
+    if not run.ok:
+        return ()
+    try:
+        return tuple(json.loads(run.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        return ()
