@@ -58,7 +58,7 @@ def _output_args(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add `bench` and its commands to the `ponder` command's subparsers."""
-    from ponder.bench import think_eval
+    from ponder.bench import humaneval, think_eval
     from ponder.config import add_engine_arguments
 
     bench = sub.add_parser("bench", help="benchmarks: offline, online, single stream, roofline, tuning, cost model")
@@ -125,7 +125,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     cm.add_argument("--output", default=None, help="results JSON path")
     cm.add_argument("--no-progress", action="store_true")
     cm.set_defaults(bench_func=cmd_costmodel)
-    add_engine_arguments(think_eval.add_parser(cmds))
+    for evaluation in (think_eval, humaneval):
+        add_engine_arguments(evaluation.add_parser(cmds))
     return bench
 
 

