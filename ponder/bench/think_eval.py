@@ -152,7 +152,27 @@ def summarize(rows: list[dict], samples: int) -> dict:
         correct = [majority_correct(pool[:k], row["reference"]) for pool, row in zip(pools, rows)]
         report["maj@k"][k] = _rate(sum(correct), n)
         report["maj@k_vs_greedy"][k] = paired_difference(correct, greedy)
+    adaptive = [adaptive_on_pool(pool, row["reference"]) for pool, row in zip(pools, rows)]
+    report["adaptive_consistency"] = {**_rate(sum(c for c, _ in adaptive), n),
+                                      "generated_tokens_per_problem": round(sum(t for _, t in adaptive) / max(n, 1), 1),
+                                      "vs_maj@all": paired_difference([c for c, _ in adaptive],
+                                                                      [majority_correct(p, r["reference"])
+                                                                       for p, r in zip(pools, rows)])}
     return report
+
+
+def adaptive_on_pool(pool: list[Sample], reference: str | None, wave: int = 4,
+                     confidence: float = 0.95) -> tuple[bool, int]:
+    """Adaptive consistency replayed on the pool in order (the strategy draws the same samples):
+    whether its answer is right, and the tokens it generated before stopping."""
+    from ponder.think.strategies import majority_settled
+
+    taken = len(pool)
+    for end in range(wave, len(pool) + 1, wave):
+        if majority_settled(tally([s.answer if s.votes else None for s in pool[:end]]), confidence):
+            taken = end
+            break
+    return majority_correct(pool[:taken], reference), sum(s.tokens for s in pool[:taken])
 
 
 def majority_correct(pool: list[Sample], reference: str | None) -> bool:

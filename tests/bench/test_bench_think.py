@@ -99,3 +99,12 @@ def test_humaneval_report():
                         {"greedy": False, "samples": [False] * 4}], 4)
     assert report["greedy_pass@1"]["correct"] == 1
     assert report["pass@k"][1] == 0.125 and report["pass@k"][4] == 0.5
+
+
+def test_adaptive_consistency_replayed_on_the_pool_stops_where_the_strategy_would():
+    from ponder.bench.think_eval import adaptive_on_pool
+
+    agree = [Sample("7", "stop", 10, True)] * 16
+    assert adaptive_on_pool(agree, "7") == (True, 40)                  # the first wave of 4 settles it
+    split = [Sample(a, "stop", 10, a == "7") for a in ["7", "3"] * 8]
+    assert adaptive_on_pool(split, "7") == (True, 160)                 # never settled: all 16, 7 seen first
