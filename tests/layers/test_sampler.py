@@ -207,3 +207,22 @@ def test_extension_edits_its_rows_before_penalties_and_observes_the_raw_distribu
     assert out.extras["allow"] == pytest.approx({0: raw[0], 1: raw[1], 2: raw[2]})
     # no row needs it: the extension is not part of the step
     assert SamplingBatch.build(rows[1:2], V, [0], extensions=(ext,)).extensions == []
+
+
+@pytest.mark.parametrize("vocab, top_k, top_p", [(50, 5, 1.0), (50, -1, 0.9), (5000, 20, 0.8), (5000, -1, 0.95),
+                                                 (5000, 2000, 0.99), (5000, -1, 1.0)])
+def test_truncation_among_the_top_candidates_equals_a_full_sort(vocab, top_k, top_p):
+    from ponder.layers.sampler import _truncate_by_sort, truncate
+
+    g = torch.Generator().manual_seed(vocab + top_k)
+    logits = torch.randn(6, vocab, generator=g) * torch.tensor([0.1, 1.0, 3.0, 6.0, 10.0, 0.01])[:, None]
+    k = torch.full((6,), top_k if top_k > 0 else vocab)
+    p = torch.full((6,), top_p)
+    fast = truncate(logits, k, p, use_top_p=top_p < 1.0)
+    if top_k <= 0 and top_p >= 1.0:
+        assert torch.equal(fast, logits)
+        return
+    slow = _truncate_by_sort(logits, k, p)
+    assert torch.equal(torch.isinf(fast), torch.isinf(slow))           # the same tokens kept
+    kept = ~torch.isinf(slow)
+    assert torch.equal(fast[kept], slow[kept])
