@@ -152,9 +152,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         tokens = logits.argmax(dim=-1)
     else:
         greedy_tokens = logits.argmax(dim=-1)
-        probs = sampling_probs(logits, batch)
-        drawn = race_argmax(probs, batch.seeds, batch.steps)
-        tokens = torch.where(batch.temperature == 0, greedy_tokens, drawn)
+        tokens = torch.where(batch.temperature == 0, greedy_tokens, draw(logits, batch))
     extras = {e.name: e.observe(raw_logprobs, tokens) for e in batch.extensions}
     return SamplerOutput(tokens.tolist(), gather_logprobs(raw_logprobs, tokens, batch.logprobs), extras)
 
@@ -191,6 +189,63 @@ def _token_counts(token_lists: list[list[int]], rows: int, vocab: int) -> torch.
     return counts
 
 
+def draw(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Each row's draw from its sampling distribution (temperature, top-k, top-p, min-p) [B].
+
+    A row whose top-k / top-p cut falls among its top candidates races among those only: its other
+    tokens have probability 0 and cannot win, and the noise of a token is the same function of
+    (seed, step, token id) wherever it is computed — so a 150k-token softmax and noise draw are
+    spared. A row's way depends on its own logits and options only, never on the batch."""
+    if not (batch.use_top_k or batch.use_top_p):
+        return race_argmax(sampling_probs(logits, batch), batch.seeds, batch.steps)
+    temp = torch.where(batch.temperature > 0, batch.temperature, torch.ones_like(batch.temperature))
+    values, index, among = top_candidates(logits, batch.top_k, batch.top_p, batch.use_top_p, temp)
+    tokens = torch.empty(logits.shape[0], dtype=torch.long)
+    if bool(among.any()):
+        probs = values[among].softmax(dim=-1)
+        if batch.use_min_p:
+            min_p = batch.min_p[among][:, None]
+            probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+        noise = _noise_at(batch.seeds[among], batch.steps[among], index[among])
+        tokens[among] = index[among].gather(1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(1)
+    rest = ~among
+    if bool(rest.any()):
+        tokens[rest] = race_argmax(sampling_probs(logits[rest], _rows(batch, rest)), batch.seeds[rest],
+                                   batch.steps[rest])
+    return tokens
+
+
+def top_candidates(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, use_top_p: bool,
+                   temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's best tokens, scaled by its temperature, -inf past its top-k / top-p cut
+    (values, index [B, K]), and whether the cut provably falls among them (a row truncating
+    nothing does not)."""
+    vocab = logits.shape[-1]
+    limited = top_k <= TOP_CANDIDATES
+    k = min(vocab, int(top_k.max()) if bool(limited.all()) else TOP_CANDIDATES)
+    values, index = logits.topk(k, dim=-1)                       # sorted, best first (temperature keeps order)
+    values = (values / temperature[:, None]).masked_fill(torch.arange(k)[None, :] >= top_k[:, None], float("-inf"))
+    among = top_k <= k
+    if use_top_p:
+        # probabilities within a row's top-k set; without a top-k, of the whole row
+        norm = values.logsumexp(dim=-1)
+        if not bool(among.all()):
+            norm = torch.where(among, norm, (logits / temperature[:, None]).logsumexp(dim=-1))
+        probs = (values - norm[:, None]).exp()
+        values = values.masked_fill(probs.cumsum(dim=-1) - probs > top_p[:, None], float("-inf"))
+        among |= probs.sum(dim=-1) >= top_p
+    return values, index, among & ~((top_k >= vocab) & (top_p >= 1.0))
+
+
+def _rows(batch: SamplingBatch, rows: torch.Tensor) -> SamplingBatch:
+    """The sampling parameters of some rows (the tensors the probabilities read)."""
+    import dataclasses
+
+    return dataclasses.replace(batch, temperature=batch.temperature[rows], top_k=batch.top_k[rows],
+                               top_p=batch.top_p[rows], min_p=batch.min_p[rows], seeds=batch.seeds[rows],
+                               steps=batch.steps[rows])
+
+
 def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Probabilities after temperature, top-k, top-p and min-p (greedy rows get temperature 1)."""
     temp = torch.where(batch.temperature > 0, batch.temperature, torch.ones_like(batch.temperature))
@@ -204,38 +259,23 @@ def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return probs
 
 
-TOP_CANDIDATES = 1024     # rows are truncated among their top tokens when the cut provably falls there
+TOP_CANDIDATES = 1024     # rows are cut among their top tokens when the cut provably falls there
 
 
 def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, use_top_p: bool) -> torch.Tensor:
     """Logits with -inf past each row's top-k and top-p cut (top-p over the renormalised top-k).
 
     Sorting a 150k vocabulary for every row costs more than a step's forward at batch 64, and the
-    cut almost always falls among a row's first few tokens: rows are cut among their
-    TOP_CANDIDATES best (one top-k), exactly whenever their top-k is within them, or their top-p
-    mass is reached within them; only other rows are sorted whole. Rows that truncate nothing
-    stay as they are."""
-    vocab = logits.shape[-1]
-    limited = top_k <= TOP_CANDIDATES
-    # as few candidates as the rows need: their largest top-k, or TOP_CANDIDATES for a top-p alone
-    k = min(vocab, int(top_k[limited].max()) if bool(limited.all()) else TOP_CANDIDATES)
-    values, index = logits.topk(k, dim=-1)                       # sorted, best first
-    values = values.masked_fill(torch.arange(k)[None, :] >= top_k[:, None], float("-inf"))
-    exact = top_k <= k
-    if use_top_p:
-        # probabilities within a row's top-k set; without a top-k, of the whole row
-        norm = values.logsumexp(dim=-1)
-        if not bool(exact.all()):
-            norm = torch.where(exact, norm, logits.logsumexp(dim=-1))
-        probs = (values - norm[:, None]).exp()
-        values = values.masked_fill(probs.cumsum(dim=-1) - probs > top_p[:, None], float("-inf"))
-        exact |= probs.sum(dim=-1) >= top_p
+    cut almost always falls among a row's first few tokens: rows are cut among their top
+    candidates (`top_candidates`) whenever the cut provably falls there; only the others are
+    sorted whole. Rows that truncate nothing stay as they are."""
+    values, index, among = top_candidates(logits, top_k, top_p, use_top_p, torch.ones(logits.shape[0]))
     out = torch.full_like(logits, float("-inf")).scatter_(-1, index, values)
-    untouched = (top_k >= vocab) & (top_p >= 1.0)
-    if untouched.any():
+    untouched = (top_k >= logits.shape[-1]) & (top_p >= 1.0)
+    if bool(untouched.any()):
         out[untouched] = logits[untouched]
-    slow = ~exact & ~untouched
-    if slow.any():
+    slow = ~among & ~untouched
+    if bool(slow.any()):
         out[slow] = _truncate_by_sort(logits[slow], top_k[slow], top_p[slow])
     return out
 
@@ -278,9 +318,14 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """Exp(1) noise [B, V], a pure function of (seed, step, token id)."""
+    return _noise_at(seeds, steps, torch.arange(vocab, dtype=torch.long)[None, :])
+
+
+def _noise_at(seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """The Exp(1) noise of the given token ids [B, K] (or [1, V]) of each row."""
     row_key = _mix32(_mix32(seeds) ^ (steps & _MASK32))[:, None]
-    token_key = (torch.arange(vocab, dtype=torch.long) * 0x9E3779B9) & _MASK32
-    bits = _mix32(row_key ^ token_key[None, :])
+    token_key = (token_ids * 0x9E3779B9) & _MASK32
+    bits = _mix32(row_key ^ token_key)
     uniform = (bits.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)
     return (-torch.log(uniform)).to(torch.float32)
 

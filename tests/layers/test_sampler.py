@@ -226,3 +226,24 @@ def test_truncation_among_the_top_candidates_equals_a_full_sort(vocab, top_k, to
     assert torch.equal(torch.isinf(fast), torch.isinf(slow))           # the same tokens kept
     kept = ~torch.isinf(slow)
     assert torch.equal(fast[kept], slow[kept])
+
+
+def test_a_race_among_the_top_candidates_draws_what_the_full_race_draws():
+    """Tokens outside a row's cut have probability 0 and cannot win; a token's noise is the same
+    wherever it is computed: the short race and the full one agree (on untied logits)."""
+    from ponder.layers.sampler import draw, race_argmax
+
+    g = torch.Generator().manual_seed(4)
+    vocab = 3000
+    logits = torch.randn(12, vocab, generator=g) * 4
+    params = [SamplingParams(temperature=0.7, top_k=20, top_p=0.8, seed=i) for i in range(4)] + \
+             [SamplingParams(temperature=1.0, top_p=0.9, min_p=0.05, seed=10 + i) for i in range(4)] + \
+             [SamplingParams(temperature=1.2, seed=20 + i) for i in range(2)] + \
+             [SamplingParams(temperature=0.9, top_k=2000, seed=30 + i) for i in range(2)]
+    rows = []
+    for i, p in enumerate(params):
+        req = Request(str(i), None, [1], p)
+        rows.append(Sequence(req, [1, 2], 1, index=0, seed=p.seed))
+    batch = SamplingBatch.build(rows, vocab, [0])
+    full = race_argmax(sampling_probs(logits, batch), batch.seeds, batch.steps)
+    assert draw(logits, batch).tolist() == full.tolist()
