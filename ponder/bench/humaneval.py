@@ -16,7 +16,7 @@ import importlib.util
 import json
 import os
 
-from ponder.bench.think_eval import _rate, resume
+from ponder.bench.think_eval import _rate, resume, save_row, write_report
 from ponder.think.voting import pass_at_k
 
 # where a completion-style function ends: the next top-level statement
@@ -95,16 +95,10 @@ def cmd_humaneval(args) -> int:
             results = list(pool.map(lambda t: passes(problem, t, args.style, args.timeout), texts))
         row = {"task_id": problem["task_id"], "greedy": results[0], "samples": results[1:]}
         done[problem["task_id"]] = row
-        if args.progress:
-            with open(args.progress, "a") as f:
-                f.write(json.dumps({"settings": settings, **row}) + "\n")
+        save_row(args.progress, settings, row)
         print(f"{len(done)}/{len(problems)} problems", flush=True)
     report = summarize([done[p["task_id"]] for p in problems], args.samples)
-    report["settings"] = settings
-    print(json.dumps(report, indent=1))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(report, f, indent=1)
+    write_report({**report, "settings": settings}, args.output)
     return 0
 
 

@@ -85,17 +85,25 @@ def cmd_think(args) -> int:
     for start in range(0, len(todo), args.batch):
         for row in run_problems(llm, todo[start:start + args.batch], args, sampling):
             done[row["index"]] = row
-            if args.progress:
-                with open(args.progress, "a") as f:
-                    f.write(json.dumps({"settings": settings, **row}) + "\n")
+            save_row(args.progress, settings, row)
         print(f"{len(done)}/{len(problems)} problems", flush=True)
     report = summarize([done[p["index"]] for p in problems], args.samples)
-    report["settings"] = settings
-    print(json.dumps({k: v for k, v in report.items() if k != "problems"}, indent=1))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(report, f, indent=1)
+    write_report({**report, "settings": settings}, args.output)
     return 0
+
+
+def save_row(path: str | None, settings: dict, row: dict) -> None:
+    """Append a finished problem to the progress file (what `resume` reads back)."""
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"settings": settings, **row}) + "\n")
+
+
+def write_report(report: dict, path: str | None) -> None:
+    print(json.dumps(report, indent=1))
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
 
 
 def run_problems(llm, problems: list[dict], args, sampling: dict) -> list[dict]:

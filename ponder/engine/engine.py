@@ -197,7 +197,7 @@ class LLMEngine:
             if seq.request.first_token_time is None:
                 seq.request.first_token_time = now
             if seq.num_draft:
-                self._accept(seq, verified[id(seq)] + [(token, logprob)])
+                self.speculation.accept(seq, verified[id(seq)] + [(token, logprob)], self._append_token, self.kv)
             else:
                 self._append_token(seq, token, logprob)
                 if row in certainty:
@@ -214,28 +214,6 @@ class LLMEngine:
         seq.last_sampled_pos = seq.num_tokens - 1
         seq.request.tokens_generated += 1
         self.stats_.generation_tokens += 1
-
-    def _accept(self, seq: Sequence, drawn: list[tuple[int, object]]) -> None:
-        """Keep `seq`'s drafts while each equals the token drawn at its position, append the
-        drawn tokens up to the first that differs (or the bonus one after a fully accepted
-        draft), and roll the KV back to the accepted length; then register its full blocks."""
-        last = seq.num_tokens - seq.num_draft - 1          # position of the last real token
-        draft = self.speculation.take_drafts(seq)
-        accepted, appended = 0, []
-        for token, logprob in drawn:
-            self._append_token(seq, token, logprob)
-            appended.append(token)
-            ended = seq.finish_reason is not None or (seq.control is not None and seq.control.stop_reason is not None)
-            if ended or accepted == len(draft) or token != draft[accepted]:
-                break
-            accepted += 1
-        if seq.matcher is not None:        # the grammar reads what was kept (its masks allowed each)
-            seq.matcher.consume_tokens(appended)
-        self.speculation.record(seq, len(draft), accepted)
-        # KV holds positions up to last + accepted (the matching drafts); one token stays to compute
-        seq.num_computed_tokens = min(last + 1 + accepted, seq.num_tokens - 1)
-        self.kv.trim(seq)
-        self.kv.commit_computed(seq)
 
     def _account_prefix_hits(self, plan: SchedulerOutput) -> None:
         for seq, hit in plan.prefix_hits:

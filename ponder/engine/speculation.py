@@ -150,6 +150,29 @@ class Speculation:
                 found.setdefault(id(row.seq), []).append((token, logprob))
         return found
 
+    def accept(self, seq: Sequence, drawn: list[tuple[int, object]], append, kv) -> None:
+        """Keep `seq`'s drafts while each equals the token drawn at its position, appending the
+        drawn tokens (`append(seq, token, logprob)`: detokenize, check stops) up to the first that
+        differs, or the bonus one after a fully accepted draft; roll the KV back to the accepted
+        length, then register its full blocks (`kv`)."""
+        last = seq.num_tokens - seq.num_draft - 1          # position of the last real token
+        draft = self.take_drafts(seq)
+        accepted, appended = 0, []
+        for token, logprob in drawn:
+            append(seq, token, logprob)
+            appended.append(token)
+            ended = seq.finish_reason is not None or (seq.control is not None and seq.control.stop_reason is not None)
+            if ended or accepted == len(draft) or token != draft[accepted]:
+                break
+            accepted += 1
+        if seq.matcher is not None:        # the grammar reads what was kept (its masks allowed each)
+            seq.matcher.consume_tokens(appended)
+        self.record(seq, len(draft), accepted)
+        # KV holds positions up to last + accepted (the matching drafts); one token stays to compute
+        seq.num_computed_tokens = min(last + 1 + accepted, seq.num_tokens - 1)
+        kv.trim(seq)
+        kv.commit_computed(seq)
+
     def take_drafts(self, seq: Sequence) -> list[int]:
         """Remove `seq`'s drafts from its tokens (they are appended again as they are accepted)."""
         draft = seq.token_ids[len(seq.token_ids) - seq.num_draft:]
