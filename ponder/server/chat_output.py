@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+MISTRAL_CALLS = "[TOOL_CALLS]"          # Mistral's templates: the tag, then a JSON list of calls
 
 
 @dataclass
@@ -66,6 +67,16 @@ class ChoiceParser:
                 if not self._take_until(THINK_CLOSE, out, "reasoning", final):
                     break
                 self.mode, self.strip_next = "content", True
+            elif self.mode == "mistral":       # no closing tag: the list ends with the answer
+                if not final:
+                    break
+                calls = parse_call_list(self.buffer)
+                if calls is None:
+                    out.content += MISTRAL_CALLS + self.buffer
+                else:
+                    self.calls += calls
+                    out.calls += calls
+                self.buffer = ""
             elif self.mode == "call":
                 end = self.buffer.find(CALL_CLOSE)
                 if end == -1:
@@ -104,7 +115,7 @@ class ChoiceParser:
                     return False
             if self.buffer.strip():
                 self.bare_possible = False
-        tags = ([THINK_OPEN] if self.think_possible else []) + ([CALL_OPEN] if self.tools else [])
+        tags = ([THINK_OPEN] if self.think_possible else []) + ([CALL_OPEN, MISTRAL_CALLS] if self.tools else [])
         if self.think_possible:
             stripped = self.buffer.lstrip()
             if stripped.startswith(THINK_OPEN):
@@ -119,7 +130,7 @@ class ChoiceParser:
             i, tag = min(found)
             self._emit(out, self.buffer[:i])
             self.buffer = self.buffer[i + len(tag):]
-            self.mode = "call"
+            self.mode = "mistral" if tag == MISTRAL_CALLS else "call"
             return True
         keep = 0 if final else max((_partial_suffix(self.buffer, tag) for tag in tags), default=0)
         self._emit(out, self.buffer[:len(self.buffer) - keep])
@@ -159,6 +170,20 @@ def parse_call(body: str) -> ToolCall | None:
     if not isinstance(arguments, dict):
         return None
     return ToolCall(f"call_{uuid.uuid4().hex[:24]}", value["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+def parse_call_list(text: str) -> list[ToolCall] | None:
+    """Mistral's `[{"name": ..., "arguments": {...}}, ...]` (None unless every entry is a call)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        return None
+    calls = [parse_call(json.dumps(entry)) for entry in value]
+    return calls if all(c is not None for c in calls) else None
 
 
 def _partial_suffix(text: str, tag: str) -> int:

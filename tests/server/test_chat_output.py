@@ -30,6 +30,9 @@ CASES = [
      [("get_weather", {"city": "Paris"})]),                                        # a bare JSON call
     ('{"name": "other", "arguments": {}}', {"tools": ("get_weather",)}, '{"name": "other", "arguments": {}}', "", []),
     ('{"a": 1} and more', {"tools": ("get_weather",)}, '{"a": 1} and more', "", []),
+    ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "f", "arguments": {}}]',
+     {"tools": ("get_weather", "f")}, "", "", [("get_weather", {"city": "Paris"}), ("f", {})]),   # Mistral's
+    ("[TOOL_CALLS] not json", {"tools": ("f",)}, "[TOOL_CALLS] not json", "", []),
 ]
 
 
