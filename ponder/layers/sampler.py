@@ -169,24 +169,33 @@ def apply_logit_edits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """OpenAI rule for frequency/presence (on generated tokens); HF/vLLM rule for repetition."""
+    """OpenAI rule for frequency/presence (on generated tokens); HF/vLLM rule for repetition.
+
+    Only the tokens a row has seen (its prompt and output) change, so only they are touched (in
+    place: the sampler's working copy) — a dense [B, V] count costs more than the forward at
+    batch 64 on a 150k vocabulary. The arithmetic per token is the dense rule's."""
     if batch.frequency is None:
         return logits
-    b, v = logits.shape
-    counts = _token_counts(batch.output_tokens, b, v)
-    seen = (counts > 0) | (_token_counts(batch.prompt_tokens, b, v) > 0)
-    rep = batch.repetition[:, None]
-    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
-    return logits - batch.frequency[:, None] * counts - batch.presence[:, None] * (counts > 0)
+    vocab = logits.shape[1]
+    out_keys = _keys(batch.output_tokens, vocab)
+    seen = torch.unique(torch.cat([out_keys, _keys(batch.prompt_tokens, vocab)]))
+    if not len(seen):
+        return logits
+    generated, times = torch.unique(out_keys, return_counts=True)
+    counts = torch.zeros(len(seen))
+    counts[torch.searchsorted(seen, generated)] = times.to(torch.float32)
+    rows, tokens = seen // vocab, seen % vocab
+    values = logits[rows, tokens]
+    rep = batch.repetition[rows]
+    values = torch.where(values > 0, values / rep, values * rep)
+    logits[rows, tokens] = values - batch.frequency[rows] * counts - batch.presence[rows] * (counts > 0)
+    return logits
 
 
-def _token_counts(token_lists: list[list[int]], rows: int, vocab: int) -> torch.Tensor:
-    counts = torch.zeros(rows, vocab)
-    row_idx = [r for r, toks in enumerate(token_lists) for _ in toks]
-    if row_idx:
-        flat = [t for toks in token_lists for t in toks]
-        counts.index_put_((torch.tensor(row_idx), torch.tensor(flat)), torch.ones(len(flat)), accumulate=True)
-    return counts
+def _keys(token_lists: list[list[int]], vocab: int) -> torch.Tensor:
+    """row * vocab + token for every token of every row."""
+    keys = [r * vocab + t for r, toks in enumerate(token_lists) for t in toks]
+    return torch.tensor(keys, dtype=torch.long)
 
 
 def draw(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -97,7 +97,7 @@ def test_frequency_and_presence_penalties_follow_openai_rule():
     logits = _logits(1)
     out = [4, 4, 4, 9]
     sp = SamplingParams(temperature=1.0, frequency_penalty=0.5, presence_penalty=0.25)
-    got = apply_penalties(logits, _batch([sp], outputs={0: out}))
+    got = apply_penalties(logits.clone(), _batch([sp], outputs={0: out}))   # (edited in place)
     expect = logits.clone()
     expect[0, 4] -= 3 * 0.5 + 0.25
     expect[0, 9] -= 1 * 0.5 + 0.25
@@ -247,3 +247,23 @@ def test_a_race_among_the_top_candidates_draws_what_the_full_race_draws():
     batch = SamplingBatch.build(rows, vocab, [0])
     full = race_argmax(sampling_probs(logits, batch), batch.seeds, batch.steps)
     assert draw(logits, batch).tolist() == full.tolist()
+
+
+def test_sparse_penalties_equal_the_dense_rule():
+    """The penalties touch only seen tokens; every value equals the dense formula's."""
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(3, V, generator=g) * 2
+    params = [SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2),
+              SamplingParams(repetition_penalty=0.8), SamplingParams()]
+    batch = _batch(params, outputs={0: [4, 4, 9, 30], 1: [7]})
+    counts = torch.zeros(3, V)
+    for row, toks in enumerate(batch.output_tokens):
+        for t in toks:
+            counts[row, t] += 1
+    seen = counts > 0
+    for row, toks in enumerate(batch.prompt_tokens):
+        seen[row, toks] = True
+    rep = batch.repetition[:, None]
+    dense = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    dense = dense - batch.frequency[:, None] * counts - batch.presence[:, None] * (counts > 0)
+    assert torch.equal(apply_penalties(logits.clone(), batch), dense)
