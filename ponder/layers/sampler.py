@@ -138,6 +138,7 @@ class SamplerOutput:
     extras: dict[str, dict[int, object]] = field(default_factory=dict)   # extension name -> row -> value
 
 
+@torch.inference_mode()
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """Draw one token per row. `logits` [B, V] are the step's own: extensions may edit them in
     place (the raw log-softmax, for logprobs, is taken before)."""
