@@ -51,7 +51,7 @@ class LLMEngine:
         self._seed_rng = random.Random(config.seed)
         self._weight_stats = weight_stats(self.loaded)
         self._ids = itertools.count()
-        self.grammars = Grammars(self.tokenizer.to_json(), self.vocab_size, self.eos_token_ids, torch.get_num_threads())
+        self.grammars = Grammars(self.tokenizer.to_json, self.vocab_size, self.eos_token_ids, torch.get_num_threads())
         self.sampler_extensions: tuple[SamplerExtension, ...] = (ProbeExtension(), GrammarMask(self.grammars),
                                                                  SelfCertaintyExtension())
         self.speculation = Speculation(config.speculative_method, config.num_speculative_tokens,

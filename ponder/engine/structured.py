@@ -35,7 +35,10 @@ _CACHE_SIZE = 256
 class Grammars:
     """Compiled constraints for one tokenizer, cached by constraint (thread-safe)."""
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int], engine_threads: int):
+    def __init__(self, tokenizer_json, vocab_size: int, eos_token_ids: list[int], engine_threads: int):
+        """tokenizer_json: a callable giving the tokenizer.json text (read on first use only: a
+        150k vocabulary serialises in a good fraction of a second, and most engines never
+        constrain anything)."""
         self._tokenizer_json, self.vocab_size = tokenizer_json, vocab_size
         self._eos = list(eos_token_ids)
         self._spare_cores = (os.cpu_count() or 1) - engine_threads
@@ -50,7 +53,7 @@ class Grammars:
 
         with self._lock:
             if self._tokenizer is None:
-                self._tokenizer = llguidance.LLTokenizer(self._tokenizer_json, n_vocab=self.vocab_size,
+                self._tokenizer = llguidance.LLTokenizer(self._tokenizer_json(), n_vocab=self.vocab_size,
                                                          eos_token=self._eos[0] if len(self._eos) == 1 else self._eos)
                 if self._spare_cores >= 2:
                     self._executor = llguidance.LLExecutor(num_threads=self._spare_cores)
