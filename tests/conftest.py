@@ -155,3 +155,27 @@ def default_llm() -> LLM:
 def default_llm_fp32() -> LLM:
     """The default model on the fp32 reference path (dequantized weights, fp32 KV)."""
     return LLM(num_kv_blocks=1024, weights="fp32")
+
+
+def random_operations(engine, rng, ops: int, new_request, add: float, abort: float, check=None) -> None:
+    """Drive `engine` with `ops` random operations — add a request (`new_request(rng)` gives its
+    prompt and params) with probability `add`, abort a live one with `abort`, else step — checking
+    after each that every block held is in some sequence's table (and `check(engine)`); then run
+    it dry."""
+    live = []
+    for _ in range(ops):
+        r = rng.random()
+        if r < add:
+            live.append(engine.add_request(*new_request(rng)).request_id)
+        elif r < add + abort and live:
+            engine.abort_request(live.pop(rng.randrange(len(live))))
+        else:
+            for out in engine.step():
+                if out.finished and out.request_id in live:
+                    live.remove(out.request_id)
+        assert sum(engine.pool.ref_counts) == sum(len(s.block_table) for r in engine.requests.values()
+                                                  for s in r.seqs)
+        if check is not None:
+            check(engine)
+    while engine.has_unfinished_requests():
+        engine.step()

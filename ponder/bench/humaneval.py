@@ -16,7 +16,7 @@ import importlib.util
 import json
 import os
 
-from ponder.bench.think_eval import _rate, resume, save_row, write_report
+from ponder.bench.think_eval import _rate, keep, resume, write_report
 from ponder.think.voting import pass_at_k
 
 # where a completion-style function ends: the next top-level statement
@@ -94,8 +94,7 @@ def cmd_humaneval(args) -> int:
         with ThreadPoolExecutor(4) as pool:
             results = list(pool.map(lambda t: passes(problem, t, args.style, args.timeout), texts))
         row = {"task_id": problem["task_id"], "greedy": results[0], "samples": results[1:]}
-        done[problem["task_id"]] = row
-        save_row(args.progress, settings, row)
+        keep(done, row, "task_id", args.progress, settings)
         print(f"{len(done)}/{len(problems)} problems", flush=True)
     report = summarize([done[p["task_id"]] for p in problems], args.samples)
     write_report({**report, "settings": settings}, args.output)

@@ -84,16 +84,16 @@ def cmd_think(args) -> int:
     todo = [p for p in problems if p["index"] not in done]
     for start in range(0, len(todo), args.batch):
         for row in run_problems(llm, todo[start:start + args.batch], args, sampling):
-            done[row["index"]] = row
-            save_row(args.progress, settings, row)
+            keep(done, row, "index", args.progress, settings)
         print(f"{len(done)}/{len(problems)} problems", flush=True)
     report = summarize([done[p["index"]] for p in problems], args.samples)
     write_report({**report, "settings": settings}, args.output)
     return 0
 
 
-def save_row(path: str | None, settings: dict, row: dict) -> None:
-    """Append a finished problem to the progress file (what `resume` reads back)."""
+def keep(done: dict, row: dict, key: str, path: str | None, settings: dict) -> None:
+    """A finished problem: into `done`, and appended to the progress file (what `resume` reads)."""
+    done[row[key]] = row
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"settings": settings, **row}) + "\n")

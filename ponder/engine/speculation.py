@@ -112,6 +112,8 @@ class Speculation:
         """Take back the drafts the plan did not fit: all of a sequence not scheduled (or
         preempted), the tail beyond a chunk cut short by the token budget. A draft model prefills
         the prompts the plan computes."""
+        if self.method is None:
+            return
         scheduled = {id(ch.seq): ch.num_tokens for ch in chunks}
         if self.draft is not None:       # prompts computed now: the draft's shadows too
             prompts = [ch.seq for ch in chunks if ch.seq.num_output_tokens == 0 and ch.seq.control is None]

@@ -4,6 +4,7 @@ import random
 
 from ponder import SamplingParams
 from ponder.engine.kv_cache import BlockPool
+from tests.conftest import random_operations
 
 
 def test_pool_refcounts_and_lru_eviction():
@@ -26,26 +27,13 @@ def test_pool_refcounts_and_lru_eviction():
 def test_random_operations_return_every_block(make_tiny_engine):
     rng = random.Random(0)
     engine = make_tiny_engine(num_kv_blocks=48, block_size=4, max_num_seqs=8, max_num_batched_tokens=32)
-    live, ops = [], 0
-    while ops < 2000:
-        r = rng.random()
-        if r < 0.3:
-            n = rng.choice([1, 1, 2, 3])
-            prompt = [rng.randrange(256) for _ in range(rng.randint(1, 30))]
-            sp = SamplingParams(n=n, temperature=rng.choice([0.0, 1.0]), max_tokens=rng.randint(1, 20),
-                                ignore_eos=True)
-            live.append(engine.add_request(prompt, sp).request_id)
-        elif r < 0.4 and live:
-            engine.abort_request(live.pop(rng.randrange(len(live))))
-        else:
-            for out in engine.step():
-                if out.finished and out.request_id in live:
-                    live.remove(out.request_id)
-        ops += 1
-        held = sum(engine.pool.ref_counts)
-        assert held == sum(len(s.block_table) for r in engine.requests.values() for s in r.seqs)
-    while engine.has_unfinished_requests():
-        engine.step()
+
+    def new_request(rng):
+        prompt = [rng.randrange(256) for _ in range(rng.randint(1, 30))]
+        return prompt, SamplingParams(n=rng.choice([1, 1, 2, 3]), temperature=rng.choice([0.0, 1.0]),
+                                      max_tokens=rng.randint(1, 20), ignore_eos=True)
+
+    random_operations(engine, rng, 2000, new_request, add=0.3, abort=0.1)
     assert engine.stats()["preemptions"] > 0
     engine.pool.check_empty()
     assert all(c == 0 for c in engine.pool.ref_counts)

@@ -11,6 +11,7 @@ import pytest
 from ponder import SamplingParams
 from ponder.llm import LLM
 from ponder.spec.ngram import propose_ngram
+from tests.conftest import random_operations
 
 
 def test_ngram_proposes_what_followed_the_latest_match():
@@ -100,27 +101,18 @@ def test_random_add_abort_speculate_preempt_returns_every_block(make_tiny_engine
     draft = {"speculative_model": draft_folders["other"]} if method == "draft" else {}
     engine = make_tiny_engine(num_kv_blocks=24, block_size=4, max_num_seqs=6, max_num_batched_tokens=24,
                               speculative_method=method, speculative_disable_by_batch_size=6, weights="q8_0", **draft)
-    live = []
-    for _ in range(1500):
-        r = rng.random()
-        if r < 0.25:
-            piece = [rng.randrange(256) for _ in range(rng.randint(1, 4))]
-            sp = SamplingParams(n=rng.choice([1, 1, 2]), temperature=rng.choice([0.0, 1.0]),
-                                max_tokens=rng.randint(1, 24), ignore_eos=True)
-            live.append(engine.add_request(piece * rng.randint(1, 6), sp).request_id)
-        elif r < 0.33 and live:
-            engine.abort_request(live.pop(rng.randrange(len(live))))
-        else:
-            for out in engine.step():
-                if out.finished and out.request_id in live:
-                    live.remove(out.request_id)
-        held = sum(engine.pool.ref_counts)
-        assert held == sum(len(s.block_table) for req in engine.requests.values() for s in req.seqs)
+
+    def new_request(rng):
+        piece = [rng.randrange(256) for _ in range(rng.randint(1, 4))]
+        return piece * rng.randint(1, 6), SamplingParams(n=rng.choice([1, 1, 2]), temperature=rng.choice([0.0, 1.0]),
+                                                         max_tokens=rng.randint(1, 24), ignore_eos=True)
+
+    def no_draft_or_stray_block_left(engine):
         for req in engine.requests.values():
             for s in req.seqs:
                 assert s.num_draft == 0 and len(s.block_table) <= -(-s.num_tokens // 4) + 1
-    while engine.has_unfinished_requests():
-        engine.step()
+
+    random_operations(engine, rng, 1500, new_request, add=0.25, abort=0.08, check=no_draft_or_stray_block_left)
     stats = engine.stats()
     assert stats["preemptions"] > 0 and stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
     engine.pool.check_empty()
