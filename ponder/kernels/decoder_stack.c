@@ -22,7 +22,8 @@ typedef void (*rope_fn)(float *qkv, const int64_t *positions, const float *cos_t
                         int64_t KVH, int64_t D);
 typedef int (*attention_fn)(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
                             int64_t kv_fp16, const int64_t *tables, int64_t table_stride, const int64_t *seq_of,
-                            const int64_t *ctx_lens, float *out, int64_t T, int64_t H, int64_t KVH, int64_t D,
+                            const int64_t *ctx_lens, const int64_t *tail_from, const int64_t *tail_pos,
+                            int64_t tail_stride, float *out, int64_t T, int64_t H, int64_t KVH, int64_t D,
                             int64_t BS, float scale);
 typedef void (*silu_fn)(const float *gate_up, float *out, int64_t T, int64_t I);
 
@@ -53,6 +54,8 @@ typedef struct {
 typedef struct {
     int64_t T, table_stride;
     const int64_t *positions, *slots, *tables, *seq_of, *ctx_lens;
+    const int64_t *tail_from, *tail_pos;   /* token trees' ancestor keys (paged_attention.c); NULL if none */
+    int64_t tail_stride;
 } Step;
 
 int64_t decoder_stack_work_floats(const Stack *s, int64_t T) {
@@ -78,7 +81,8 @@ int decoder_stack_forward(const Stack *s, const Step *st, float *residual, float
         s->rope(qkv, st->positions, s->cos_table, s->sin_table, st->slots, l->k_cache, l->v_cache, s->kv_fp16, T,
                 s->heads, s->kv_heads, s->head_dim);
         if ((rc = s->attention(qkv, qkv_width, l->k_cache, l->v_cache, s->kv_fp16, st->tables, st->table_stride,
-                               st->seq_of, st->ctx_lens, attn, T, s->heads, s->kv_heads, s->head_dim,
+                               st->seq_of, st->ctx_lens, st->tail_from, st->tail_pos, st->tail_stride, attn, T,
+                               s->heads, s->kv_heads, s->head_dim,
                                s->block_size, s->scale)))
             return rc;
         if ((rc = linear(s, &l->o, attn, T, delta))) return rc;

@@ -9,6 +9,10 @@
  *   tables   [S, table_stride] int64  block ids of each sequence's context, in order
  *   seq_of   [T] int64                the row of `tables` that query t reads
  *   ctx_lens [T] int64                n_t, the keys query t attends to (itself included)
+ *   tail_from [T] int64, tail_pos [T, tail_stride] int64 (both NULL for plain causal queries):
+ *            key j >= tail_from[t] of query t is not table position j but table position
+ *            tail_pos[t, j - tail_from[t]] — a token tree's query attends to the committed context
+ *            and then to its own ancestors, wherever in the table they were written
  *   out      [T, H, D] float32
  *
  * Batch invariance (a token's output is bitwise the same alone, among 64 decodes or inside a
@@ -17,6 +21,9 @@
  * from the batch or the thread count. Each chunk yields (max, sum of exponentials, unnormalised
  * output) per query head, and the chunks are merged in chunk order. Threads take (token, kv head,
  * chunk) items in any order; which thread computes an item never changes its bits. The hot loops
+ * A tree query's keys are counted the same way (key j of its path is key j of the decode that
+ * computes the same path), so a tree-verified token is bitwise the token decoded alone.
+ * The hot loops
  * are written with explicit AVX2/FMA intrinsics (fixed lane order, unaligned loads) and the file
  * is built without -ffast-math, so no reassociation, alignment peeling or library exp variant can
  * make two calls differ.
@@ -49,6 +56,8 @@ typedef struct {
     const int64_t *tables;
     int64_t table_stride;
     const int64_t *seq_of, *ctx_lens;
+    const int64_t *tail_from, *tail_pos;
+    int64_t tail_stride;
     int64_t H, KVH, G, D, BS;
     float scale;
 } Attention;
@@ -102,16 +111,23 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(two_n)));
 }
 
-/* Element index of key j's head `kvh` row, for the `len` keys of the chunk starting at c0. */
-static void chunk_rows(const Attention *a, const int64_t *table, int64_t c0, int64_t len, int64_t kvh,
-                       int64_t *rows) {
+/* Element index of key j's head `kvh` row, for the `len` keys of the chunk starting at c0 of
+ * query t: runs of table positions through the block table, then a tree query's tail one by one. */
+static void chunk_rows(const Attention *a, int64_t t, int64_t c0, int64_t len, int64_t kvh, int64_t *rows) {
     const int64_t token_stride = a->KVH * a->D;
-    for (int64_t pos = c0; pos < c0 + len;) {
+    const int64_t *table = a->tables + a->seq_of[t] * a->table_stride;
+    const int64_t tail = a->tail_from ? a->tail_from[t] : c0 + len;
+    const int64_t plain_end = tail < c0 + len ? (tail > c0 ? tail : c0) : c0 + len;
+    for (int64_t pos = c0; pos < plain_end;) {
         const int64_t block = pos / a->BS, off = pos % a->BS;
-        const int64_t run = a->BS - off < c0 + len - pos ? a->BS - off : c0 + len - pos;
+        const int64_t run = a->BS - off < plain_end - pos ? a->BS - off : plain_end - pos;
         const int64_t base = (table[block] * a->BS + off) * token_stride + kvh * a->D;
         for (int64_t i = 0; i < run; ++i) rows[pos - c0 + i] = base + i * token_stride;
         pos += run;
+    }
+    for (int64_t pos = plain_end; pos < c0 + len; ++pos) {
+        const int64_t at = a->tail_pos[t * a->tail_stride + pos - tail];
+        rows[pos - c0] = (table[at / a->BS] * a->BS + at % a->BS) * token_stride + kvh * a->D;
     }
 }
 
@@ -133,7 +149,7 @@ static inline __attribute__((always_inline)) void attend_chunk(const Attention *
     __m256 keys[KEYS][MAX_DIM / 8];                              /* KEYS K rows, as float32 */
     float *m = partial, *l = partial + G, *acc = partial + 2 * G;
 
-    chunk_rows(a, a->tables + a->seq_of[t] * a->table_stride, c0, len, kvh, rows);
+    chunk_rows(a, t, c0, len, kvh, rows);
     /* s[g, j] = scale * q_g . k_j: one FMA chain over the head per (g, j), KEYS = 8 keys at a time
      * so their chains overlap (a single chain waits on the FMA latency) and their 8 sums come out
      * as one vector; keys converted once. Past the chunk's end the lanes are overwritten below. */
@@ -239,11 +255,12 @@ int paged_attention_supports(int64_t H, int64_t KVH, int64_t D) {
 /* Returns 0; -1 if the shapes are outside what the kernel supports; -2 if out of memory. */
 int paged_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int64_t kv_fp16,
                     const int64_t *tables, int64_t table_stride, const int64_t *seq_of, const int64_t *ctx_lens,
+                    const int64_t *tail_from, const int64_t *tail_pos, int64_t tail_stride,
                     float *out, int64_t T, int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale) {
     if (!paged_attention_supports(H, KVH, D)) return -1;
     if (T == 0) return 0;
     const Attention a = {q, q_stride, k_cache, v_cache, kv_fp16 != 0, tables, table_stride, seq_of, ctx_lens,
-                         H, KVH, H / KVH, D, BS, scale};
+                         tail_from, tail_pos, tail_stride, H, KVH, H / KVH, D, BS, scale};
     /* Items of token t are first_item[t] .. first_item[t + 1] - 1, kv head major, then chunk. */
     int64_t *first_item = malloc(sizeof(int64_t) * (size_t)(T + 1));
     if (!first_item) return -2;

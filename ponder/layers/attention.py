@@ -42,13 +42,19 @@ class AttentionGroup:
 @dataclass
 class PagedQueries:
     """Queries for the native kernel: query i attends to the first `context_lens[i]` tokens of
-    sequence `seq_index[i]` (causal: its position + 1)."""
+    sequence `seq_index[i]` (causal: its position + 1).
+
+    A token tree's queries attend to their ancestors rather than to whatever precedes them in the
+    table: key j >= `tail_from[i]` of query i is table position `tail_positions[i, j - tail_from[i]]`
+    (both None when the step has no tree)."""
 
     rows: torch.Tensor          # [N] rows of the flat token batch
     seq_index: torch.Tensor     # [N] int64 row of `block_tables` each query reads
     block_tables: torch.Tensor  # [S, NB] int64, contiguous
     context_lens: torch.Tensor  # [N] int64
     all_rows: bool              # the queries are every row of the batch, in order
+    tail_from: torch.Tensor | None = None        # [N] int64
+    tail_positions: torch.Tensor | None = None   # [N, depth] int64, contiguous
 
 
 @dataclass
@@ -67,7 +73,7 @@ def _kernel(extra_flags: tuple[str, ...] = ()):
         return None
     P, I = kernels.PTR, kernels.I64
     fn = lib.paged_attention
-    fn.argtypes, fn.restype = [P, I, P, P, I, P, I, P, P, P, I, I, I, I, I, kernels.F32], ctypes.c_int
+    fn.argtypes, fn.restype = [P, I, P, P, I, P, I, P, P, P, P, I, P, I, I, I, I, I, kernels.F32], ctypes.c_int
     return fn
 
 
@@ -116,9 +122,11 @@ def native_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     n, heads, dim = q.shape
     out = torch.empty(n, heads, dim)
     tables = queries.block_tables
+    tail_from, tail_pos, tail_stride = tail_arguments(queries)
     status = _kernel()(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
                        int(k_cache.dtype == torch.float16), tables.data_ptr(), tables.shape[1],
-                       queries.seq_index.data_ptr(), queries.context_lens.data_ptr(), out.data_ptr(),
+                       queries.seq_index.data_ptr(), queries.context_lens.data_ptr(),
+                       tail_from, tail_pos, tail_stride, out.data_ptr(),
                        n, heads, k_cache.shape[2], dim, k_cache.shape[1], scale)
     if status == -1:
         raise ValueError(f"native paged attention does not support heads={heads}, "
@@ -126,6 +134,15 @@ def native_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if status != 0:
         raise MemoryError("native paged attention could not allocate its work buffers")
     return out
+
+
+def tail_arguments(queries: PagedQueries) -> tuple[int | None, int | None, int]:
+    """The kernel's tree arguments: pointers to tail_from and tail_positions and the latter's row
+    stride, or NULLs when no query of the step is a tree's."""
+    if queries.tail_from is None:
+        return None, None, 0
+    assert queries.tail_positions.is_contiguous() and queries.tail_from.dtype == torch.int64
+    return queries.tail_from.data_ptr(), queries.tail_positions.data_ptr(), queries.tail_positions.shape[1]
 
 
 def _group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -14,7 +14,7 @@ import ctypes
 import torch
 
 from ponder import kernels
-from ponder.layers.attention import AttentionMetadata
+from ponder.layers.attention import AttentionMetadata, tail_arguments
 from ponder.layers.quant_linear import QuantLinear, library
 from ponder.model.llama import LlamaForCausalLM
 
@@ -39,7 +39,7 @@ class _Stack(ctypes.Structure):
 
 class _Step(ctypes.Structure):
     _fields_ = [("T", I64), ("table_stride", I64), ("positions", P), ("slots", P), ("tables", P),
-                ("seq_of", P), ("ctx_lens", P)]
+                ("seq_of", P), ("ctx_lens", P), ("tail_from", P), ("tail_pos", P), ("tail_stride", I64)]
 
 
 def _address(library_name: str, symbol: str) -> int | None:
@@ -98,7 +98,8 @@ class NativeStack:
         must cover every row of the step."""
         q = meta.native
         step = _Step(residual.shape[0], q.block_tables.shape[1], positions.data_ptr(), meta.slot_mapping.data_ptr(),
-                     q.block_tables.data_ptr(), q.seq_index.data_ptr(), q.context_lens.data_ptr())
+                     q.block_tables.data_ptr(), q.seq_index.data_ptr(), q.context_lens.data_ptr(),
+                     *tail_arguments(q))
         work = torch.empty(self._work(ctypes.byref(self._stack), residual.shape[0]))
         status = self._forward(ctypes.byref(self._stack), ctypes.byref(step), residual.data_ptr(), work.data_ptr())
         if status != 0:

@@ -9,6 +9,8 @@ tokens.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -26,9 +28,20 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.zeros(shape, dtype=np_dtype))
 
 
+@dataclass
+class TokenTree:
+    """A chunk whose tokens form a tree (speculative decoding's token trees), not a sequence:
+    token i attends to the first `base` table positions of its sequence, then to `paths[i]` — the
+    table positions of its ancestors past `base` and its own, root first. Its position (RoPE) is
+    its depth: `base + len(paths[i]) - 1`. Token i is still written at table position start + i."""
+
+    base: int
+    paths: list[list[int]]
+
+
 def _range_rows(chunks, ranges) -> torch.Tensor:
     """Rows of the flat batch at the chunk offsets `ranges` names ((chunk index, first, end))."""
-    first = np.cumsum([0] + [len(toks) for toks, _, _ in chunks])
+    first = np.cumsum([0] + [len(c[0]) for c in chunks])
     return torch.from_numpy(np.concatenate([np.arange(first[i] + lo, first[i] + hi) for i, lo, hi in ranges]))
 
 
@@ -66,12 +79,26 @@ class ModelRunner:
         dst = torch.tensor([d for _, d in copies])
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
+    def move_tokens(self, block_table: list[int], moves: list[tuple[int, int]]) -> None:
+        """Copy the K/V of a sequence's table positions to others, every layer ((from, to) pairs;
+        all sources are read before any is written): an accepted tree path moves to sit where
+        decoding would have written it."""
+        if not moves:
+            return
+        bs, table = self.block_size, np.asarray(block_table, dtype=np.int64)
+        src = np.array([m[0] for m in moves], dtype=np.int64)
+        dst = np.array([m[1] for m in moves], dtype=np.int64)
+        blocks, offs = torch.from_numpy(table[src // bs]), torch.from_numpy(src % bs)
+        self.kv_cache[:, :, torch.from_numpy(table[dst // bs]), torch.from_numpy(dst % bs)] = \
+            self.kv_cache[:, :, blocks, offs]
+
     @torch.inference_mode()
     def execute(self, chunks: list[tuple[list[int], int, list[int]]], sample_rows: list[int],
                 score_ranges: list[tuple[int, int, int]] = ()) -> torch.Tensor:
         """Run one step.
 
-        chunks: per sequence (tokens to compute, position of the first of them, block table).
+        chunks: per sequence (tokens to compute, position of the first of them, block table), and
+        optionally a fourth item, a `TokenTree` the tokens form.
         sample_rows: indices into `chunks` whose last token's logits are wanted.
         score_ranges: (chunk index, first, end) offsets within a chunk whose every position's
         logits are wanted too (prompt logprobs); the LM head runs on those rows only, and on none
@@ -91,40 +118,67 @@ class ModelRunner:
 
     def prepare(self, chunks):
         bs = self.block_size
-        lengths = np.array([len(toks) for toks, _, _ in chunks], dtype=np.int64)
-        starts = np.array([start for _, start, _ in chunks], dtype=np.int64)
-        input_ids = torch.tensor([t for toks, _, _ in chunks for t in toks], dtype=torch.long)
+        lengths = np.array([len(c[0]) for c in chunks], dtype=np.int64)
+        starts = np.array([c[1] for c in chunks], dtype=np.int64)
+        input_ids = torch.tensor([t for c in chunks for t in c[0]], dtype=torch.long)
         offsets = np.concatenate(([0], np.cumsum(lengths)))
         seq_of_token = np.repeat(np.arange(len(chunks)), lengths)
-        pos = starts[seq_of_token] + (np.arange(offsets[-1]) - offsets[seq_of_token])
-        max_blocks = max(len(bt) for _, _, bt in chunks)
+        stored = starts[seq_of_token] + (np.arange(offsets[-1]) - offsets[seq_of_token])   # table positions
+        max_blocks = max(len(c[2]) for c in chunks)
         tables = np.zeros((len(chunks), max_blocks), dtype=np.int64)
-        for i, (_, _, bt) in enumerate(chunks):
-            tables[i, :len(bt)] = bt
-        slot_mapping = tables[seq_of_token, pos // bs] * bs + pos % bs
+        for i, c in enumerate(chunks):
+            tables[i, :len(c[2])] = c[2]
+        slot_mapping = tables[seq_of_token, stored // bs] * bs + stored % bs
+        trees = {i: c[3] for i, c in enumerate(chunks) if len(c) > 3 and c[3] is not None}
+        pos, tails = self._tree_positions(trees, offsets, stored)
         decode = np.flatnonzero(lengths == 1)
-        prefill = np.flatnonzero(lengths > 1)
+        prefill = np.array([i for i in np.flatnonzero(lengths > 1) if i not in trees], dtype=np.int64)
+        tree_seqs = np.array(sorted(trees), dtype=np.int64)
+        if trees and not self.native_attention:
+            raise ValueError("token trees need the native attention kernel (a C compiler and a supported shape)")
         if self.native_prefill:
             native_seqs, padded = np.arange(len(chunks)), ()
-        elif self.native_attention:
-            native_seqs, padded = decode, (prefill,)
+        elif self.native_attention:     # trees always take the kernel: only it reads their ancestors' keys
+            native_seqs, padded = np.union1d(decode, tree_seqs), (prefill,)
         else:
             native_seqs, padded = decode[:0], (decode, prefill)
         groups = [self._group(members, lengths, starts, offsets, tables) for members in padded if len(members)]
-        native = self._queries(native_seqs, seq_of_token, pos, tables) if len(native_seqs) else None
+        native = self._queries(native_seqs, seq_of_token, pos, tables, tails) if len(native_seqs) else None
         meta = AttentionMetadata(torch.from_numpy(slot_mapping), groups, native)
         last_rows = torch.from_numpy(offsets[1:] - 1)
         return input_ids, torch.from_numpy(pos), meta, last_rows
 
     @staticmethod
-    def _queries(seqs, seq_of_token, pos, tables) -> PagedQueries:
-        """Every token of the sequences `seqs`, each attending causally to its position + 1 keys."""
+    def _tree_positions(trees: dict, offsets, stored):
+        """Each token's position (a tree token's is its depth past its tree's base) and, if the
+        step has trees, per token (tail_from, path) for the kernel; plain tokens' tails never start."""
+        if not trees:
+            return stored, None
+        pos = stored.copy()
+        depth = max(len(p) for tree in trees.values() for p in tree.paths)
+        tail_from = stored + 1                        # past a plain token's last key: no tail
+        tail_pos = np.zeros((len(stored), depth), dtype=np.int64)
+        for i, tree in trees.items():
+            for j, path in enumerate(tree.paths):
+                row = offsets[i] + j
+                pos[row], tail_from[row] = tree.base + len(path) - 1, tree.base
+                tail_pos[row, :len(path)] = path
+        return pos, (tail_from, tail_pos)
+
+    @staticmethod
+    def _queries(seqs, seq_of_token, pos, tables, tails=None) -> PagedQueries:
+        """Every token of the sequences `seqs`, each attending causally to its position + 1 keys
+        (a tree's tokens: to their ancestors, `tails`)."""
         chosen = np.zeros(len(tables), dtype=bool)
         chosen[seqs] = True
         rows = np.flatnonzero(chosen[seq_of_token])
+        tail_from = tail_pos = None
+        if tails is not None:
+            tail_from = torch.from_numpy(np.ascontiguousarray(tails[0][rows]))
+            tail_pos = torch.from_numpy(np.ascontiguousarray(tails[1][rows]))
         return PagedQueries(rows=torch.from_numpy(rows), seq_index=torch.from_numpy(seq_of_token[rows]),
                             block_tables=torch.from_numpy(tables), context_lens=torch.from_numpy(pos[rows] + 1),
-                            all_rows=len(rows) == len(pos))
+                            all_rows=len(rows) == len(pos), tail_from=tail_from, tail_positions=tail_pos)
 
     def _group(self, members, lengths, starts, offsets, tables) -> AttentionGroup:
         bs = self.block_size
