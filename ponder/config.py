@@ -12,7 +12,7 @@ WEIGHT_FORMATS = ("native", "q8_0", "q4_0", "fp32")
 KV_CACHE_DTYPES = ("fp16", "fp32")
 DTYPES = ("float32", "bfloat16", "float16")
 SAMPLING_DEFAULT_SOURCES = ("model", "ponder", "none")   # see ponder/sampling_params.py
-SPECULATIVE_METHODS = ("ngram", "draft")
+SPECULATIVE_METHODS = ("ngram", "draft", "tree")
 
 
 def _option(default, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None):
@@ -53,11 +53,16 @@ class EngineConfig:
                                               "sampling over ponder's), ponder (temperature 0.8, top-k 40, top-p "
                                               "0.95, min-p 0.05), none (temperature 1, no truncation)",
                                      choices=SAMPLING_DEFAULT_SOURCES)
-    speculative_method: str | None = _option(None, "speculative decoding: ngram (prompt lookup) or draft (a "
-                                                   "speculative_model); default: none", choices=SPECULATIVE_METHODS)
+    speculative_method: str | None = _option(None, "speculative decoding: ngram (prompt lookup), draft (a "
+                                                   "speculative_model proposes a chain) or tree (it proposes a "
+                                                   "token tree); default: none", choices=SPECULATIVE_METHODS)
     speculative_model: str | None = _option(None, "the draft model (packaged name, GGUF or HF folder) of "
                                                   "speculative_method draft; its KV shares kv_cache_memory_gb")
-    num_speculative_tokens: int = _option(4, "most draft tokens verified per sequence and step")
+    num_speculative_tokens: int = _option(4, "most draft tokens verified per sequence and step (a tree's nodes)")
+    speculative_adaptive: bool = _option(True, "grow and shrink each sequence's draft length with its acceptance "
+                                               "(LLMCad's fallback); off: always num_speculative_tokens")
+    speculative_tree_width: int = _option(2, "tree: candidates under each node the draft expands, and nodes "
+                                             "expanded per depth")
     prompt_lookup_min: int = _option(1, "ngram: shortest suffix looked up")
     prompt_lookup_max: int = _option(3, "ngram: longest suffix looked up")
     speculative_disable_by_batch_size: int = _option(4, "no drafts while more sequences than this decode "
@@ -68,14 +73,14 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens",
-                  "prompt_lookup_min", "prompt_lookup_max", "speculative_disable_by_batch_size")
+                  "speculative_tree_width", "prompt_lookup_min", "prompt_lookup_max", "speculative_disable_by_batch_size")
         if self.speculative_method is not None and self.speculative_method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, "
                              f"got {self.speculative_method!r}")
-        if (self.speculative_method == "draft") != (self.speculative_model is not None):
-            raise ValueError("speculative_method 'draft' and speculative_model go together"
-                             + (": give speculative_model" if self.speculative_method == "draft" else
-                                ": set speculative_method 'draft'"))
+        drafted = self.speculative_method in ("draft", "tree")
+        if drafted != (self.speculative_model is not None):
+            raise ValueError("speculative_method 'draft' or 'tree' and speculative_model go together"
+                             + (": give speculative_model" if drafted else ": set speculative_method 'draft' or 'tree'"))
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) must be <= prompt_lookup_max "
                              f"({self.prompt_lookup_max})")

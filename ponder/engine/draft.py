@@ -7,6 +7,11 @@ target accepted and computes only what is new (the target's corrected token), so
 prefilled once per sequence (again only after the target was preempted, or the pool ran short).
 The shadows of all drafting sequences advance together, one batched forward per drafted token.
 
+Token trees (`propose_trees`, spec/tree.py): the shadows' pending tokens run first, then each
+round runs the nodes each tree expands, all sequences in one forward, the nodes written past the
+shadow's tokens and attending to their ancestors (a `TokenTree` chunk). The nodes' KV is dropped
+afterwards; the path the target accepts is computed with the shadow's next pending tokens.
+
 A draft token is the draft model's own draw under the request's sampling: the same seed and step
 index, so the sampler's noise is the target's; where the two models agree, the target draws the same
 token and accepts it (engine/speculation.py).
@@ -19,10 +24,11 @@ import json
 import torch
 
 from ponder.engine.kv_cache import BlockPool, KVCacheManager
-from ponder.engine.sequence import Sequence, SequenceStatus
-from ponder.layers.sampler import SamplingBatch, sample
+from ponder.engine.sequence import PrefixRow, Sequence, SequenceStatus
+from ponder.layers.sampler import SamplingBatch, ranked_candidates, sample
 from ponder.model.loader import LoadedModel
-from ponder.model.runner import ModelRunner
+from ponder.model.runner import ModelRunner, TokenTree
+from ponder.spec.tree import DraftTree
 
 
 class DraftModel:
@@ -58,6 +64,51 @@ class DraftModel:
                 shadows[i].token_ids.append(token)
                 drafts[i].append(token)
         return drafts
+
+    def propose_trees(self, seqs: list[Sequence], budgets: list[int], width: int) -> list[tuple[list[int], list[int]]]:
+        """A token tree of up to budgets[i] nodes for each of `seqs`, as (tokens, parents);
+        ([], []) for one the pool has no room for. A sequence under a grammar drafts a chain (its
+        masks are built for one)."""
+        shadows = [self._synced(seq) for seq in seqs]
+        trees = [DraftTree(k, width if seq.matcher is None else 1) for seq, k in zip(seqs, budgets)]
+        active = [i for i in range(len(seqs)) if self._room(shadows, i)]
+        if not active:
+            return [([], []) for _ in seqs]
+        pending = [(shadows[i].token_ids[shadows[i].num_computed_tokens:], shadows[i].num_computed_tokens,
+                    shadows[i].block_table) for i in active]
+        logits = self.runner.execute(pending, list(range(len(active))))
+        for i in active:
+            shadows[i].num_computed_tokens = shadows[i].num_tokens
+        self._offer(logits, [shadows[i] for i in active], [(trees[i], DraftTree.ROOT) for i in active])
+        committed = {i: shadows[i].num_tokens for i in active}
+        storage: dict[int, dict[int, int]] = {i: {} for i in active}    # node -> table position, per tree
+        while plan := [(i, nodes) for i in active if (nodes := trees[i].to_expand())
+                       and self.kv.allocate_slots(shadows[i], len(nodes))]:
+            chunks, rows, owners = [], [], []
+            for i, nodes in plan:
+                shadow, tree, base = shadows[i], trees[i], committed[i]
+                start = shadow.num_computed_tokens
+                storage[i].update((n, start + k) for k, n in enumerate(nodes))
+                paths = [tree.path(n) for n in nodes]
+                chunks.append(([tree.tokens[n] for n in nodes], start, shadow.block_table,
+                               TokenTree(base, [[storage[i][a] for a in path] for path in paths])))
+                rows += [PrefixRow(shadow, shadow.token_ids + [tree.tokens[a] for a in path]) for path in paths]
+                owners += [(tree, n) for n in nodes]
+                shadow.num_computed_tokens += len(nodes)
+            logits = self.runner.execute(chunks, [], [(j, 0, len(c[0])) for j, c in enumerate(chunks)])
+            self._offer(logits, rows, owners)
+        for i in active:                     # the nodes' KV goes; the accepted path is computed next time
+            shadows[i].num_computed_tokens = committed[i]
+            self.kv.trim(shadows[i])
+        return [trees[i].select() if i in committed else ([], []) for i in range(len(seqs))]
+
+    def _offer(self, logits, rows: list, owners: list[tuple[DraftTree, int]]) -> None:
+        """Each row's best candidates under its node (`owners`: (tree, node) per row)."""
+        width = max(tree.width for tree, _ in owners)
+        tokens, probs = ranked_candidates(logits, SamplingBatch.build(rows, self.vocab_size, self.eos_token_ids),
+                                          width)
+        for (tree, node), toks, ps in zip(owners, tokens.tolist(), probs.tolist()):
+            tree.offer(node, toks[:tree.width], ps[:tree.width])
 
     def prefill(self, seqs: list[Sequence]) -> None:
         """Compute the shadows of sequences whose prompt the target computes this step, all but

@@ -56,7 +56,9 @@ class LLMEngine:
                                                                  SelfCertaintyExtension())
         self.speculation = Speculation(config.speculative_method, config.num_speculative_tokens,
                                        config.prompt_lookup_min, config.prompt_lookup_max,
-                                       config.speculative_disable_by_batch_size, self.max_model_len, parts.draft)
+                                       config.speculative_disable_by_batch_size, self.max_model_len, parts.draft,
+                                       config.speculative_tree_width, self.runner.move_tokens,
+                                       config.speculative_adaptive)
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
@@ -159,7 +161,8 @@ class LLMEngine:
         chunks, rows = [], []
         for i, ch in enumerate(plan.chunks):
             seq, start = ch.seq, ch.seq.num_computed_tokens
-            chunks.append((seq.token_ids[start:start + ch.num_tokens], start, seq.block_table))
+            chunks.append((seq.token_ids[start:start + ch.num_tokens], start, seq.block_table,
+                           self.speculation.token_tree(seq)))
             if ch.samples:
                 rows.append(i)
         sampling = [plan.chunks[i].seq for i in rows]

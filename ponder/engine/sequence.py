@@ -79,6 +79,7 @@ class Sequence:
     matcher: object | None = None            # structured output: an llguidance matcher at this point of the text
     self_certainty: list[float] | None = None  # per generated token, when asked for (engine/token_stats.py)
     num_draft: int = 0                       # trailing tokens that are drafts being verified this step
+    draft_parents: list[int] | None = None   # their parents if they form a token tree (spec/tree.py); None: a chain
     spec_k: int = 0                          # draft length to try next (adapted to acceptance; 0: unset)
     last_sampled_pos: int = -1               # position of the latest sampled token (usage accounting)
 
@@ -118,6 +119,28 @@ class Sequence:
         prefix cache are not computed, so they would have no logits to score the prompt with."""
         scored = self.request.prompt_logprobs
         return scored is None or len(scored) >= self.num_prompt_tokens
+
+
+class PrefixRow:
+    """A sequence as the sampler sees it holding only `token_ids` (a prefix of its tokens, or a
+    prefix and a token tree's path): what a position that verifies drafts is sampled as — the same
+    seed, step index and penalty history as the sequence cut there."""
+
+    matcher = None
+    control = None
+    self_certainty = None
+
+    def __init__(self, seq: Sequence, token_ids: list[int]):
+        self.seq, self.token_ids, self.length = seq, token_ids, len(token_ids)
+        self.params, self.seed, self.num_prompt_tokens = seq.params, seq.seed, seq.num_prompt_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.length - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
 
 @dataclass(eq=False)

@@ -13,6 +13,12 @@ they equal the drawn tokens changes no output (`accept`). The KV is then rolled 
 accepted length: blocks past it are freed, and only then are full blocks registered in the prefix
 index, so a block holding an unverified draft never enters it.
 
+Token trees (method "tree"): the draft proposes a tree rather than a chain (spec/tree.py). Its
+nodes are verified in the same one forward, each attending to its own ancestors (the runner's
+`TokenTree`), each sampled as the sequence extended by its path; acceptance walks down from the root
+taking the child that equals the drawn token, and the accepted path's KV moves to where decoding
+would have written it. A chain is the tree in which every node's parent is the one before.
+
 Adaptive: each sequence's draft length grows by one after a fully accepted draft and halves after a
 fully rejected one (LLMCad's fallback); nothing is drafted when more sequences decode than
 `disable_by_batch_size` (a step is then compute-bound and a draft costs what it saves).
@@ -25,8 +31,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ponder.engine.scheduler import ScheduledChunk
-from ponder.engine.sequence import Action, Sequence, SequenceStatus
+from ponder.engine.sequence import Action, PrefixRow, Sequence, SequenceStatus
+from ponder.model.runner import TokenTree
 from ponder.spec.ngram import propose_ngram
+from ponder.spec.tree import chain_parents, tree_paths
 
 if TYPE_CHECKING:
     from ponder.engine.draft import DraftModel
@@ -39,33 +47,15 @@ class SpeculationStats:
     verified_seqs: int = 0    # sequence-steps that verified a draft (the mean accepted length's denominator)
 
 
-class _Prefix:
-    """A sequence cut after `length` tokens, as the sampler sees a row: what a verified position
-    is sampled as."""
-
-    matcher = None
-    control = None
-
-    def __init__(self, seq: Sequence, length: int):
-        self.seq, self.length = seq, length
-        self.params, self.seed, self.num_prompt_tokens = seq.params, seq.seed, seq.num_prompt_tokens
-        self.token_ids = seq.token_ids[:length]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return self.length - self.num_prompt_tokens
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
-
-
 class Speculation:
     def __init__(self, method: str | None, num_tokens: int, min_n: int, max_n: int,
-                 disable_by_batch_size: int, max_model_len: int, draft: "DraftModel | None" = None):
-        if method == "draft" and draft is None:
-            raise ValueError("speculative_method 'draft' needs a speculative_model")
+                 disable_by_batch_size: int, max_model_len: int, draft: "DraftModel | None" = None,
+                 tree_width: int = 2, move_tokens=None, adaptive: bool = True):
+        """`move_tokens(block_table, [(from, to)])`: the runner's KV move (token trees)."""
+        if method in ("draft", "tree") and draft is None:
+            raise ValueError(f"speculative_method {method!r} needs a speculative_model")
         self.method, self.num_tokens, self.draft = method, num_tokens, draft
+        self.tree_width, self.move_tokens, self.adaptive = tree_width, move_tokens, adaptive
         self.min_n, self.max_n = min_n, max_n
         self.disable_by_batch_size, self.max_model_len = disable_by_batch_size, max_model_len
         self.stats = SpeculationStats()
@@ -78,14 +68,17 @@ class Speculation:
         if self.method is None or len(running) > self.disable_by_batch_size:
             return
         eligible = [(seq, k) for seq in running if (k := self._budget(seq)) >= 1]
-        if self.method == "draft":
-            drafts = self.draft.propose([s for s, _ in eligible], [k for _, k in eligible])
+        seqs, budgets = [s for s, _ in eligible], [k for _, k in eligible]
+        if self.method == "tree":
+            drafts = self.draft.propose_trees(seqs, budgets, self.tree_width)
+        elif self.method == "draft":
+            drafts = [(d, None) for d in self.draft.propose(seqs, budgets)]
         else:
-            drafts = [propose_ngram(seq.token_ids, k, self.min_n, self.max_n) for seq, k in eligible]
-        for (seq, _), draft in zip(eligible, drafts):
+            drafts = [(propose_ngram(seq.token_ids, k, self.min_n, self.max_n), None) for seq, k in eligible]
+        for seq, (draft, parents) in zip(seqs, drafts):
             if draft:
                 seq.token_ids.extend(draft)
-                seq.num_draft = len(draft)
+                seq.num_draft, seq.draft_parents = len(draft), parents
                 self._drafted.append(seq)
 
     def _budget(self, seq: Sequence) -> int:
@@ -122,24 +115,40 @@ class Speculation:
         for seq in self._drafted:
             fits = scheduled.get(id(seq), 0) - 1 if seq.status is SequenceStatus.RUNNING else 0
             drop = seq.num_draft - max(0, min(seq.num_draft, fits))
-            if drop:
+            if drop:                 # parents precede children: the kept nodes are still a tree
                 del seq.token_ids[len(seq.token_ids) - drop:]
                 seq.num_draft -= drop
+                if seq.draft_parents is not None:
+                    del seq.draft_parents[seq.num_draft:]
         self._drafted = [s for s in self._drafted if s.num_draft]
+
+    @staticmethod
+    def token_tree(seq: Sequence) -> TokenTree | None:
+        """The runner's view of a drafting sequence's chunk (its last real token, then the
+        drafts): each draft attends to its ancestors. A chain is given as one too, so that its
+        verification takes the same kernel as decode on either cache type."""
+        if not seq.num_draft:
+            return None
+        root = seq.num_tokens - seq.num_draft - 1
+        return TokenTree(root, [[root]] + [[root] + [root + 1 + n for n in path] for path in tree_paths(_parents(seq))])
 
     def ranges(self, chunks: list[ScheduledChunk]) -> list[tuple[int, int, int]]:
         """(chunk index, first, end) of the positions whose logits verify drafts: every position of
-        a drafting sequence's chunk but its last (the row sampled anyway)."""
-        return [(i, ch.num_tokens - 1 - ch.seq.num_draft, ch.num_tokens - 1)
+        a drafting sequence's chunk but its last (the row sampled anyway) — of a tree's, every one
+        (its last node's row is its path's, not the sequence's)."""
+        return [(i, ch.num_tokens - 1 - ch.seq.num_draft, ch.num_tokens - (ch.seq.draft_parents is None))
                 for i, ch in enumerate(chunks) if ch.seq.num_draft]
 
-    def rows(self, chunks: list[ScheduledChunk], ranges: list[tuple[int, int, int]]) -> list[_Prefix]:
-        """The sampler's rows for `ranges`' logits, in order: each position as the sequence cut there."""
+    def rows(self, chunks: list[ScheduledChunk], ranges: list[tuple[int, int, int]]) -> list[PrefixRow]:
+        """The sampler's rows for `ranges`' logits, in order: each position as the sequence
+        extended by the drafts on its path only."""
         rows = []
         for i, first, end in ranges:
             seq = chunks[i].seq
             base = seq.num_tokens - seq.num_draft          # tokens up to and including the last real one
-            rows += [_Prefix(seq, base + p) for p in range(end - first)]
+            committed, drafts = seq.token_ids[:base], seq.token_ids[base:]
+            paths = [[]] + tree_paths(_parents(seq))
+            rows += [PrefixRow(seq, committed + [drafts[n] for n in path]) for path in paths[:end - first]]
         return rows
 
     # -- after the sampler ----------------------------------------------------------------------
@@ -148,30 +157,41 @@ class Speculation:
         """Per drafting sequence (by id), the tokens drawn at its verified positions, in order."""
         found: dict[int, list[tuple[int, object]]] = {}
         for row, token, logprob in zip(rows, tokens, logprobs):
-            if isinstance(row, _Prefix):
+            if isinstance(row, PrefixRow):
                 found.setdefault(id(row.seq), []).append((token, logprob))
         return found
 
     def accept(self, seq: Sequence, drawn: list[tuple[int, object]], append, kv) -> None:
-        """Keep `seq`'s drafts while each equals the token drawn at its position, appending the
-        drawn tokens (`append(seq, token, logprob)`: detokenize, check stops) up to the first that
-        differs, or the bonus one after a fully accepted draft; roll the KV back to the accepted
-        length, then register its full blocks (`kv`)."""
+        """Walk `seq`'s drafts from the root, taking the child that equals the token drawn at the
+        current position, appending the drawn tokens (`append(seq, token, logprob)`: detokenize,
+        check stops) up to the first no child matches — the bonus token after a leaf. `drawn` is
+        per chunk position. Move the accepted path's KV where decoding would have written it, roll
+        the KV back to the accepted length, then register its full blocks (`kv`)."""
         last = seq.num_tokens - seq.num_draft - 1          # position of the last real token
+        parents = _parents(seq)
         draft = self.take_drafts(seq)
-        accepted, appended = 0, []
-        for token, logprob in drawn:
+        children: dict[tuple[int, int], int] = {}
+        for node, (token, parent) in enumerate(zip(draft, parents)):
+            children.setdefault((parent, token), node)
+        node, path, appended = -1, [], []
+        while True:
+            token, logprob = drawn[node + 1]
             append(seq, token, logprob)
             appended.append(token)
             ended = seq.finish_reason is not None or (seq.control is not None and seq.control.stop_reason is not None)
-            if ended or accepted == len(draft) or token != draft[accepted]:
+            child = children.get((node, token))
+            if ended or child is None:
                 break
-            accepted += 1
+            path.append(child)
+            node = child
         if seq.matcher is not None:        # the grammar reads what was kept (its masks allowed each)
             seq.matcher.consume_tokens(appended)
-        self.record(seq, len(draft), accepted)
+        self.record(seq, len(draft), len(path), max((len(p) for p in tree_paths(parents)), default=0))
+        moves = [(last + 1 + n, last + 1 + depth) for depth, n in enumerate(path) if n != depth]
+        if moves:
+            self.move_tokens(seq.block_table, moves)
         # KV holds positions up to last + accepted (the matching drafts); one token stays to compute
-        seq.num_computed_tokens = min(last + 1 + accepted, seq.num_tokens - 1)
+        seq.num_computed_tokens = min(last + 1 + len(path), seq.num_tokens - 1)
         kv.trim(seq)
         kv.commit_computed(seq)
 
@@ -179,16 +199,24 @@ class Speculation:
         """Remove `seq`'s drafts from its tokens (they are appended again as they are accepted)."""
         draft = seq.token_ids[len(seq.token_ids) - seq.num_draft:]
         del seq.token_ids[len(seq.token_ids) - seq.num_draft:]
-        seq.num_draft = 0
+        seq.num_draft, seq.draft_parents = 0, None
         return draft
 
-    def record(self, seq: Sequence, drafted: int, accepted: int) -> None:
-        """Count a verification and adapt the sequence's draft length to it."""
+    def record(self, seq: Sequence, drafted: int, accepted: int, depth: int) -> None:
+        """Count a verification and adapt the sequence's draft length to it (`depth`: the longest
+        path drafted; a chain's length)."""
         st = self.stats
         st.drafted, st.accepted, st.verified_seqs = st.drafted + drafted, st.accepted + accepted, st.verified_seqs + 1
         seq.request.spec_drafted += drafted
         seq.request.spec_accepted += accepted
-        if accepted == drafted:
+        if not self.adaptive:
+            return
+        if accepted == depth:
             seq.spec_k = min(seq.spec_k + 1, self.num_tokens)
         elif accepted == 0:
             seq.spec_k = max(1, seq.spec_k // 2)
+
+
+def _parents(seq: Sequence) -> list[int]:
+    """The parents of `seq`'s drafts: its tree's, or a chain's."""
+    return seq.draft_parents if seq.draft_parents is not None else chain_parents(seq.num_draft)

@@ -145,10 +145,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     logits = logits.float()
     wants_raw = batch.logprobs is not None or any(e.reads_distribution for e in batch.extensions)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_raw else None
-    logits = apply_logit_edits(logits, batch)
-    for extension in batch.extensions:
-        logits = extension.edit_logits(logits)
-    logits = apply_penalties(logits, batch)
+    logits = processed_logits(logits, batch)
     if batch.all_greedy:
         tokens = logits.argmax(dim=-1)
     else:
@@ -191,6 +188,30 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     values = torch.where(values > 0, values / rep, values * rep)
     logits[rows, tokens] = values - batch.frequency[rows] * counts - batch.presence[rows] * (counts > 0)
     return logits
+
+
+def processed_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The logits a row draws from: logit_bias and min_tokens masks, the extensions' edits, then
+    penalties (in place where it can)."""
+    logits = apply_logit_edits(logits, batch)
+    for extension in batch.extensions:
+        logits = extension.edit_logits(logits)
+    return apply_penalties(logits, batch)
+
+
+@torch.inference_mode()
+def ranked_candidates(logits: torch.Tensor, batch: SamplingBatch, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's `width` best tokens by its own draw, best first, and their sampling
+    probabilities ([B, width] each): a greedy row's likeliest tokens; a sampled row's race winners
+    under its noise, so the first is the token `sample` draws (what a token tree's draft expands)."""
+    logits = processed_logits(logits.float(), batch)
+    probs = sampling_probs(logits, batch)
+    score = probs
+    if not batch.all_greedy:
+        raced = probs / exponential_noise(batch.seeds, batch.steps, probs.shape[-1])
+        score = torch.where((batch.temperature > 0)[:, None], raced, probs)
+    index = score.topk(min(width, probs.shape[-1]), dim=-1).indices
+    return index, probs.gather(1, index)
 
 
 def _keys(token_lists: list[list[int]], vocab: int) -> torch.Tensor:

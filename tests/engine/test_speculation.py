@@ -95,10 +95,10 @@ def test_switching_speculation_on_and_off_with_the_batch_changes_nothing(make_ti
     assert spec.stats()["spec_verified_seqs"] > 0
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft"])
+@pytest.mark.parametrize("method", ["ngram", "draft", "tree"])
 def test_random_add_abort_speculate_preempt_returns_every_block(make_tiny_engine, draft_folders, method):
     rng = random.Random(3)
-    draft = {"speculative_model": draft_folders["other"]} if method == "draft" else {}
+    draft = {"speculative_model": draft_folders["noisy"]} if method != "ngram" else {}
     engine = make_tiny_engine(num_kv_blocks=24, block_size=4, max_num_seqs=6, max_num_batched_tokens=24,
                               speculative_method=method, speculative_disable_by_batch_size=6, weights="q8_0", **draft)
 
@@ -116,7 +116,7 @@ def test_random_add_abort_speculate_preempt_returns_every_block(make_tiny_engine
     stats = engine.stats()
     assert stats["preemptions"] > 0 and stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
     engine.pool.check_empty()
-    if method == "draft":
+    if method != "ngram":
         engine.speculation.draft.pool.check_empty()
 
 
@@ -150,28 +150,40 @@ def test_each_request_reports_its_drafts(make_tiny_engine):
 # -- a draft model ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def draft_folders(tmp_path_factory):
-    """Tiny drafts in the target's vocabulary: the target's own weights (it agrees with every token)
-    and other random weights (it rarely does)."""
+    """Tiny drafts in the target's vocabulary: the target's own weights (it agrees with every token),
+    the target's weights with noise added (it agrees often, not always) and other random weights
+    (it rarely does)."""
+    import torch
+
     from tests.conftest import tiny_config, tiny_model, write_hf_folder
 
     cfg = tiny_config()
+    noisy = tiny_model(cfg, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1 * p.std())
     return {"same": write_hf_folder(tiny_model(cfg, seed=0), cfg, str(tmp_path_factory.mktemp("draft_same"))),
+            "noisy": write_hf_folder(noisy, cfg, str(tmp_path_factory.mktemp("draft_noisy"))),
             "other": write_hf_folder(tiny_model(cfg, seed=7), cfg, str(tmp_path_factory.mktemp("draft_other")))}
 
 
-@pytest.mark.parametrize("which", ["same", "other"])
-@pytest.mark.parametrize("options", [{}, {"max_num_batched_tokens": 6}, {"num_kv_blocks": 40}],
-                         ids=["roomy", "tiny-budget", "preempting"])
-def test_a_draft_model_changes_no_output(make_tiny_engine, draft_folders, which, options):
+@pytest.mark.parametrize("method", ["draft", "tree"])
+@pytest.mark.parametrize("which", ["same", "noisy", "other"])
+@pytest.mark.parametrize("options", [{}, {"max_num_batched_tokens": 6}, {"num_kv_blocks": 40},
+                                     {"kv_cache_dtype": "fp32"}],
+                         ids=["roomy", "tiny-budget", "preempting", "fp32-cache"])
+def test_a_draft_model_changes_no_output(make_tiny_engine, draft_folders, method, which, options):
     prompts, params = _prompts(32, seed=11), _params(32, seed=12)
     plain = make_tiny_engine(weights="q8_0", **options)
-    spec = make_tiny_engine(weights="q8_0", speculative_method="draft", speculative_model=draft_folders[which],
+    spec = make_tiny_engine(weights="q8_0", speculative_method=method, speculative_model=draft_folders[which],
                             speculative_disable_by_batch_size=64, **options)
     assert _outputs(spec, prompts, params) == _outputs(plain, prompts, params)
     stats = spec.stats()
     assert stats["spec_draft_tokens"] > 50
-    if which == "same":          # the target's own weights: it draws what the target draws
-        assert stats["spec_accepted_tokens"] > 0.9 * stats["spec_draft_tokens"]
+    if which == "same":          # the target's own weights: it draws what the target draws (a tree's
+        # siblings of the drawn path are the only drafts rejected)
+        assert stats["spec_accepted_tokens"] > (0.9 if method == "draft" else 0.5) * stats["spec_draft_tokens"]
     spec.pool.check_empty()
     spec.speculation.draft.pool.check_empty()
     assert stats["draft_kv_blocks_total"] == stats["kv_blocks_total"]
@@ -186,6 +198,26 @@ def test_a_draft_with_another_vocabulary_is_refused(make_tiny_engine, tmp_path):
         make_tiny_engine(weights="q8_0", speculative_method="draft", speculative_model=folder)
     with pytest.raises(ValueError, match="speculative_model"):
         make_tiny_engine(weights="q8_0", speculative_method="draft")
+
+
+def test_a_tree_accepts_more_per_verification_than_a_chain_of_as_many_tokens(make_tiny_engine, draft_folders):
+    """A draft that agrees with the target often but not always: at the same number of tokens
+    verified, branching where it hesitates accepts more of them, and the output is the same."""
+    prompts = _prompts(16, seed=21)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    accepted = {}
+    outputs = {}
+    for method in ("draft", "tree"):
+        engine = make_tiny_engine(weights="q8_0", speculative_method=method, speculative_model=draft_folders["noisy"],
+                                  num_speculative_tokens=6, speculative_tree_width=2, speculative_adaptive=False,
+                                  speculative_disable_by_batch_size=64)
+        outputs[method] = _outputs(engine, prompts, params)
+        st = engine.stats()
+        accepted[method] = st["spec_accepted_tokens"] / st["spec_verified_seqs"]
+        assert st["spec_draft_tokens"] > 5.5 * st["spec_verified_seqs"]    # 6 a verification, bar the context's end
+        engine.pool.check_empty()
+    assert outputs["tree"] == outputs["draft"]
+    assert accepted["tree"] > 1.1 * accepted["draft"], accepted
 
 
 @pytest.mark.parametrize("strategy, options", [("self-consistency", {"n": 4}),

