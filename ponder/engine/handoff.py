@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, fields
 
 import numpy as np
+import torch
 
 from ponder.engine.prompts import check_prompt
 from ponder.engine.sequence import Request, Sequence, SequenceStatus
@@ -54,13 +55,14 @@ class ModelIdentity:
     head_dim: int
     vocab_size: int
     weights: str              # fp32, native, q8_0 …: each computes different KV
-    digest: str               # of the embedding's first rows and the norms: tells apart models of one shape
+    digest: str               # of the embedding's first rows, the norms and the rotary and norm settings
 
     @classmethod
     def of(cls, engine) -> "ModelIdentity":
         cfg, model = engine.model_config, engine.loaded.model
-        h = hashlib.blake2b(digest_size=16)
-        for tensor in [model.embed_tokens.weight[:8], model.norm.weight] + [
+        h = hashlib.blake2b(repr((cfg.num_heads, cfg.intermediate_size, cfg.rope_theta, cfg.rope_scaling,
+                                  cfg.rms_norm_eps, cfg.qkv_bias, cfg.qk_norm)).encode(), digest_size=16)
+        for tensor in [model.embed_tokens(torch.arange(8)), model.norm.weight] + [
                 norm.weight for layer in model.layers for norm in (layer.input_layernorm,
                                                                    layer.post_attention_layernorm)]:
             h.update(tensor.detach().float().contiguous().numpy().tobytes())
