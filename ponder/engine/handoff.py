@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import weakref
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -59,15 +60,27 @@ class ModelIdentity:
 
     @classmethod
     def of(cls, engine) -> "ModelIdentity":
-        cfg, model = engine.model_config, engine.loaded.model
+        """The identity of `engine`'s model (computed once per loaded model)."""
+        model = engine.loaded.model
+        if model not in _identities:
+            _identities[model] = cls._compute(engine.loaded)
+        return _identities[model]
+
+    @classmethod
+    def _compute(cls, loaded) -> "ModelIdentity":
+        cfg, model = loaded.config, loaded.model
         h = hashlib.blake2b(repr((cfg.num_heads, cfg.intermediate_size, cfg.rope_theta, cfg.rope_scaling,
                                   cfg.rms_norm_eps, cfg.qkv_bias, cfg.qk_norm)).encode(), digest_size=16)
-        for tensor in [model.embed_tokens(torch.arange(8)), model.norm.weight] + [
-                norm.weight for layer in model.layers for norm in (layer.input_layernorm,
-                                                                   layer.post_attention_layernorm)]:
+        norms = [norm.weight for layer in model.layers
+                 for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+        for tensor in [model.embed_tokens(torch.arange(8)), model.norm.weight, *norms]:
             h.update(tensor.detach().float().contiguous().numpy().tobytes())
         return cls(cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim,
-                   cfg.vocab_size, engine.loaded.weights, h.hexdigest())
+                   cfg.vocab_size, loaded.weights, h.hexdigest())
+
+
+# a cache, not state: a loaded model's weights do not change
+_identities: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
