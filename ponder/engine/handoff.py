@@ -199,6 +199,13 @@ def check_compatible(engine, handoff: Handoff) -> None:
         check_prompt(handoff.prompt_token_ids, engine.vocab_size, engine.max_model_len, engine.pool)
     except ValueError as e:
         raise HandoffError(f"this engine cannot continue the hand-off: {e}") from None
+    cfg = engine.model_config
+    expected = (cfg.num_layers, 2, len(handoff.prompt_token_ids), cfg.num_kv_heads, cfg.head_dim)
+    if handoff.kv.shape != expected:
+        raise HandoffError(f"the hand-off's KV is shaped {handoff.kv.shape}, not {expected} (layers, k/v, "
+                           f"prompt tokens, kv heads, head dim)")
+    if all(c.finish_reason is not None for c in handoff.completions):
+        raise HandoffError("every completion of the hand-off has finished: there is nothing to continue")
     longest = len(handoff.prompt_token_ids) + max(len(c.output_token_ids) for c in handoff.completions)
     if longest >= engine.max_model_len:
         raise HandoffError(f"the hand-off is {longest} tokens, but this engine's context is "
