@@ -10,9 +10,10 @@ from dataclasses import dataclass
 import torch
 
 from ponder.config import EngineConfig
-from ponder.engine import prompt_logprobs
+from ponder.engine import handoff, prompt_logprobs
 from ponder.engine.detokenizer import append_tokens, init_detokenizer, process_token
 from ponder.engine.probes import ProbeExtension
+from ponder.engine.prompts import check_prompt, prompt_ids
 from ponder.engine.scheduler import SchedulerOutput
 from ponder.engine.sequence import Action, Control, Request, Sequence, SequenceStatus
 from ponder.engine.setup import build_parts
@@ -47,6 +48,7 @@ class LLMEngine:
         # what requests built by LLM, the CLI, the server and think get for unset sampling fields
         self.sampling_defaults = sampling_defaults(config.sampling_defaults, self.model_config.recommended_sampling)
         self.requests: dict[str, Request] = {}
+        self.held: dict[str, Request] = {}   # prefill-only requests done, their KV kept for export
         self.stats_ = EngineStats()
         self._seed_rng = random.Random(config.seed)
         self._weight_stats = weight_stats(self.loaded)
@@ -63,18 +65,22 @@ class LLMEngine:
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
                     request_id: str | None = None, prompt_token_ids: list[int] | None = None,
-                    driven: bool = False) -> Request:
+                    driven: bool = False, prefill_only: bool = False) -> Request:
         """Queue a request; raises ValueError naming the problem if it cannot be served.
 
         `driven`: a program (think) drives its sequences: the prompt is prefilled, all but its last
-        token, and the sequence parks; see `run_step`, `prefill`, `probe`, `fork`, `release`."""
+        token, and the sequence parks; see `run_step`, `prefill`, `probe`, `fork`, `release`.
+        `prefill_only`: the request ends after its first token with finish reason "handoff", its KV
+        held for `export_handoff` (prefill/decode disaggregation, engine/handoff.py)."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, ids = self._prompt_ids(prompt, prompt_token_ids)
-        self._validate_prompt(ids, params)
-        request = Request(request_id, text, ids, params)
+        text, ids = prompt_ids(self.tokenizer, prompt, prompt_token_ids)
+        check_prompt(ids, self.vocab_size, self.max_model_len, self.pool)
+        if prefill_only and driven:
+            raise ValueError("a driven request (think) cannot be prefill-only: its program runs on one engine")
+        request = Request(request_id, text, ids, params, prefill_only=prefill_only)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
         matcher = self.grammars.matcher(params.structured_outputs) if params.structured_outputs else None
         seq = Sequence(request, list(ids), len(ids), index=0, seed=seed,
@@ -85,28 +91,9 @@ class LLMEngine:
         self.scheduler.add(seq)
         return request
 
-    def _prompt_ids(self, prompt, prompt_token_ids):
-        if prompt_token_ids is not None:
-            return (prompt if isinstance(prompt, str) else None), list(prompt_token_ids)
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)):
-            return None, list(prompt)
-        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-
-    def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise ValueError("prompt is empty: give at least one token")
-        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 or t >= self.vocab_size for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt is {len(ids)} tokens, but the context is {self.max_model_len} tokens "
-                             f"(prompt + at least one generated token)")
-        need = -(-(len(ids) + 1) // self.pool.block_size)
-        if need > self.pool.num_blocks:
-            raise ValueError(f"prompt needs {need} KV blocks but the pool has {self.pool.num_blocks}")
-
     def abort_request(self, request_id: str) -> bool:
+        if handoff.drop_held(self, request_id):
+            return True
         request = self.requests.pop(request_id, None)
         if request is None:
             return False
@@ -115,6 +102,14 @@ class LLMEngine:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
         return True
+
+    def export_handoff(self, request_id: str) -> handoff.Handoff:
+        """The KV and state of a prefill-only request that finished with "handoff"; frees its blocks."""
+        return handoff.export(self, request_id)
+
+    def add_handoff(self, hand: handoff.Handoff, request_id: str | None = None) -> Request:
+        """Continue a request another engine prefilled (`export_handoff`) from its first token."""
+        return handoff.admit(self, hand, request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -209,6 +204,8 @@ class LLMEngine:
                 self.scheduler.park(seq)   # the program frees it when it is done with it
             elif seq.finish_reason is not None:
                 self.scheduler.finish(seq)
+            elif seq.request.prefill_only:
+                handoff.hold(self, seq)
 
     def _append_token(self, seq: Sequence, token: int, logprob) -> None:
         if logprob is not None:

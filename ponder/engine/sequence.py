@@ -161,6 +161,7 @@ class Request:
     spec_accepted: int = 0
     first_token_time: float | None = None
     error: str | None = None
+    prefill_only: bool = False               # ends after its first token, KV held for a hand-off
     # with params.prompt_logprobs: one entry per prompt token scored so far (None for the first,
     # which nothing predicts); see ponder/engine/prompt_logprobs.py
     prompt_logprobs: list[Logprob | None] | None = None

@@ -92,6 +92,25 @@ class ModelRunner:
         self.kv_cache[:, :, torch.from_numpy(table[dst // bs]), torch.from_numpy(dst % bs)] = \
             self.kv_cache[:, :, blocks, offs]
 
+    def read_kv(self, block_table: list[int], start: int, end: int) -> np.ndarray:
+        """A copy of the KV of positions start..end of the sequence with `block_table`, token-major:
+        [layers, 2, end - start, kv_heads, head_dim], whatever the block size (a KV hand-off)."""
+        return np.take(self._kv_by_slot(), self._slots(block_table, start, end), axis=2)
+
+    def write_kv(self, block_table: list[int], start: int, values: np.ndarray) -> None:
+        """Write `values` ([layers, 2, tokens, kv_heads, head_dim], as `read_kv` gives) as the KV
+        of positions start.. of the sequence with `block_table`."""
+        self._kv_by_slot()[:, :, self._slots(block_table, start, start + values.shape[2])] = values
+
+    def _kv_by_slot(self) -> np.ndarray:
+        """The cache as [layers, 2, slots, kv_heads, head_dim] (a view: slot = block * block_size + offset)."""
+        layers, kv, blocks, bs, heads, dim = self.kv_cache.shape
+        return self.kv_cache.numpy().reshape(layers, kv, blocks * bs, heads, dim)
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> np.ndarray:
+        pos = np.arange(start, end)
+        return np.asarray(block_table, dtype=np.int64)[pos // self.block_size] * self.block_size + pos % self.block_size
+
     @torch.inference_mode()
     def execute(self, chunks: list[tuple[list[int], int, list[int]]], sample_rows: list[int],
                 score_ranges: list[tuple[int, int, int]] = ()) -> torch.Tensor:
