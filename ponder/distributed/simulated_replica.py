@@ -17,7 +17,7 @@ for it (the engine's in-batch prefix caching). What the simulator leaves out, on
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from ponder.distributed.request_traces import TraceRequest
