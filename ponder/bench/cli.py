@@ -13,21 +13,11 @@ import math
 import os
 import sys
 
-from ponder.bench.workloads import DEFAULT_GSM8K_PATH, WORKLOAD_KINDS, WorkloadSpec
+from ponder.bench.workloads import DEFAULT_GSM8K_PATH, WORKLOAD_KINDS, WorkloadSpec, int_list
 
 OFFLINE_PEERS = ("hf", "llama.cpp")
 SERVE_PEERS = ("ponder", "llama.cpp")
 SINGLE_STREAM_PEERS = ("llama.cpp",)
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 # -- arguments --------------------------------------------------------------------------------------
@@ -79,7 +69,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     help="start a server and measure it (repeatable): ponder, llama.cpp")
     sv.add_argument("--base-url", action="append", default=[], metavar="[NAME=]URL",
                     help="measure a running OpenAI-compatible server (repeatable)")
-    sv.add_argument("--concurrency", type=_int_list, default=[1, 4, 16, 64],
+    sv.add_argument("--concurrency", type=int_list, default=[1, 4, 16, 64],
                     help="most requests in flight; a comma list sweeps (default 1,4,16,64)")
     sv.add_argument("--request-rate", type=float, default=math.inf,
                     help="Poisson arrivals per second (default inf: all at once, gated by concurrency)")
@@ -112,8 +102,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     tu = cmds.add_parser("tune", help="search max_num_batched_tokens x max_num_seqs for a workload")
     add_engine_arguments(tu)
     _workload_args(tu, "offline-64", 64, "64:256", 128)
-    tu.add_argument("--batched-tokens-grid", type=_int_list, default=[256, 512, 1024, 2048])
-    tu.add_argument("--num-seqs-grid", type=_int_list, default=[16, 32, 64])
+    tu.add_argument("--batched-tokens-grid", type=int_list, default=[256, 512, 1024, 2048])
+    tu.add_argument("--num-seqs-grid", type=int_list, default=[16, 32, 64])
     _output_args(tu)
     tu.set_defaults(bench_func=cmd_tune)
 

@@ -15,14 +15,14 @@ import sys
 
 
 def add_parser(cmds) -> argparse.ArgumentParser:
-    from ponder.bench.cli import _int_list
     from ponder.bench.step_timing import SWEEPS
+    from ponder.bench.workloads import int_list
 
     cm = cmds.add_parser("costmodel", help="fit runtime = a + b*prompt_tokens + c*output_tokens from a sweep; "
                                            "--per-step: step time from prompt tokens, decode rows, context read")
     cm.add_argument("--num-requests", type=int, default=16)
-    cm.add_argument("--input-lens", type=_int_list, default=[32, 128, 256])
-    cm.add_argument("--output-lens", type=_int_list, default=[16, 64])
+    cm.add_argument("--input-lens", type=int_list, default=[32, 128, 256])
+    cm.add_argument("--output-lens", type=int_list, default=[16, 64])
     cm.add_argument("--seed", type=int, default=0)
     cm.add_argument("--per-step", action="store_true",
                     help="time a sweep of batches step by step and fit the per-step model (non-negative)")
@@ -40,19 +40,18 @@ def cmd_costmodel(args) -> int:
 
 
 def _per_run(args) -> int:
-    from ponder.bench import offline
-    from ponder.bench.cli import _cache_dir, _finish, _progress
+    from ponder.bench import offline, report
     from ponder.bench.costmodel import fit_cost_model
     from ponder.bench.workloads import random_tokens
-    from ponder.config import engine_options
+    from ponder.config import EngineConfig, engine_options
     from ponder.model.loader import load_model
 
-    loaded = load_model(args.model, _cache_dir())
+    loaded = load_model(args.model, EngineConfig().cache_dir)
     runs = []
     for i, (inp, out) in enumerate((i, o) for i in args.input_lens for o in args.output_lens):
         workload = random_tokens(args.num_requests, inp, inp, out, loaded.config.vocab_size, args.seed + i,
                                  name=f"in{inp}-out{out}")
-        run = offline.run_ponder(workload, loaded, engine_options(args), _progress(args))
+        run = offline.run_ponder(workload, loaded, engine_options(args), not args.no_progress)
         run.name = workload.name
         runs.append(run)
     model = fit_cost_model([r.metrics.prompt_tokens for r in runs], [r.metrics.output_tokens for r in runs],
@@ -64,22 +63,23 @@ def _per_run(args) -> int:
               f"{model.predict(m.prompt_tokens, m.output_tokens):>8.2f}")
     print(f"runtime ≈ {model.a:.3f} s + {model.b * 1e3:.4f} ms × prompt_tokens + "
           f"{model.c * 1e3:.4f} ms × output_tokens   (R² = {model.r2:.3f}, {len(runs)} runs)")
-    args.no_plots = True
-    _finish(args, "costmodel", runs, show_tables=False, cost_model=dataclasses.asdict(model))
+    if args.output:
+        report.write_json(args.output, report.results_document("costmodel", runs,
+                                                               cost_model=dataclasses.asdict(model)))
+        print(f"\nresults: {args.output}")
     return 0
 
 
 def _per_step(args) -> int:
     from ponder.bench import report
-    from ponder.bench.cli import _cache_dir, _progress
     from ponder.bench.costmodel import STEP_FEATURES, fit_step_cost_model
     from ponder.bench.step_timing import SWEEPS, run_sweep
-    from ponder.config import engine_options
+    from ponder.config import EngineConfig, engine_options
     from ponder.model.loader import load_model
 
-    loaded = load_model(args.model, _cache_dir())
+    loaded = load_model(args.model, EngineConfig().cache_dir)
     sweep = SWEEPS[args.sweep]
-    steps = run_sweep(loaded, engine_options(args), sweep, args.seed, _progress(args))
+    steps = run_sweep(loaded, engine_options(args), sweep, args.seed, not args.no_progress)
     model = fit_step_cost_model([s.shape for s in steps], [s.seconds for s in steps])
     print(f"{'sweep point':<28} {'steps':>6} {'measured s':>11} {'fit s':>8}")
     for point in sweep:
