@@ -167,6 +167,9 @@ class _Cluster:
         while self.events:
             self.now, _, action, args = heapq.heappop(self.events)
             action(*args)
+        stuck = [r.request_id for r in self.results.values() if math.isnan(r.finish_s)]
+        if stuck:
+            raise RuntimeError(f"{len(stuck)} requests never finished (the first: {stuck[0]})")
         everyone = self.front + self.back
         return SimResult(self.spec, [self.results[r.request_id] for r in trace],
                          [r.busy_s for r in everyone], [r.steps for r in everyone],
@@ -183,16 +186,21 @@ class _Cluster:
         self._submit(self.front, i, request)
 
     def _submit(self, replicas: list[SimulatedReplica], i: int, request: TraceRequest, **state) -> None:
-        replica = replicas[i]
-        idle = not replica.has_work
-        replica.submit(request, **state)
-        if idle:
-            self._step(replicas, i)
+        replicas[i].submit(request, **state)
+        self._step(replicas, i)
 
     def _step(self, replicas: list[SimulatedReplica], i: int) -> None:
-        self._at(self.now + replicas[i].start_step(), self._step_done, replicas, i)
+        """Start replica i's next step unless it is in one or has nothing it can run."""
+        replica = replicas[i]
+        if replica.stepping or not replica.has_work:
+            return
+        seconds = replica.start_step()
+        replica.stepping = seconds is not None
+        if replica.stepping:
+            self._at(self.now + seconds, self._step_done, replicas, i)
 
     def _step_done(self, replicas: list[SimulatedReplica], i: int) -> None:
+        replicas[i].stepping = False
         first, done = replicas[i].finish_step()
         for job in first:
             result = self.results[job.request.request_id]
@@ -204,8 +212,7 @@ class _Cluster:
         for job in done:
             if not job.prefill_only:
                 self._finish(job, replicas is self.back)
-        if replicas[i].has_work:
-            self._step(replicas, i)
+        self._step(replicas, i)
 
     def _hand_off(self, i: int, job: Job) -> None:
         request = job.request
@@ -219,6 +226,7 @@ class _Cluster:
 
     def _handed_off(self, i: int, d: int, job: Job) -> None:
         self.front[i].release(job)
+        self._step(self.front, i)                       # blocks came back: waiting prompts may fit now
         self.router.done(i, self._cost_tokens(job.request))
         result = self.results[job.request.request_id]
         result.first_token_s = self.now

@@ -147,6 +147,7 @@ class SimulatedReplica:
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []
         self.plan: list[tuple[Job, int]] = []       # the step in flight: (job, tokens)
+        self.stepping = False
         self.busy_s = 0.0
         self.steps = 0
         self.max_step_tokens = 0
@@ -169,8 +170,9 @@ class SimulatedReplica:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def start_step(self) -> float:
-        """Schedule the next step; returns its seconds."""
+    def start_step(self) -> float | None:
+        """Schedule the next step; returns its seconds, or None when nothing can run now (a prefill
+        replica whose blocks all wait on hand-offs: it steps again once one is released)."""
         budget = self.spec.max_batched_tokens
         plan: list[tuple[Job, int]] = []
         for job in self.running:
@@ -196,7 +198,7 @@ class SimulatedReplica:
             if (h := job.next_hash()) is not None:
                 in_flight.add(h)
         if not plan:
-            raise RuntimeError("a replica with work scheduled nothing (a request larger than the pool?)")
+            return None
         self.plan = plan
         return self._price(plan)
 

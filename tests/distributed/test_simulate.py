@@ -137,3 +137,15 @@ def test_specs_are_checked():
                  ClusterSpec(replica=ReplicaSpec(num_blocks=4)), COST)
     with pytest.raises(ValueError):
         random_trace(5, 0.0, (1, 2), (1, 2))
+
+
+def test_a_prefill_replica_full_of_pending_hand_offs_waits_for_them():
+    """Its pool holds one prompt; each waits on a slow link before its blocks come back."""
+    trace = [TraceRequest(i, 0.0, tuple(range(100 + i, 420 + i)), output_len=3) for i in range(4)]
+    spec = ClusterSpec(prefill_replicas=1, decode_replicas=1, handoff_gbs=0.01,
+                       prefill_replica=ReplicaSpec(num_blocks=24, block_size=16))
+    result = simulate(trace, spec, COST)
+    ttfts = sorted(r.first_token_s for r in result.requests)
+    transfer = spec.handoff_s(320)
+    assert all(b - a >= transfer - 1e-9 for a, b in zip(ttfts, ttfts[1:]))   # one prompt in the pool at a time
+    assert all(not math.isnan(r.finish_s) for r in result.requests)
