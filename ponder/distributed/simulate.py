@@ -176,6 +176,7 @@ class _Cluster:
                          [r.max_step_tokens for r in everyone])
 
     def _cost_tokens(self, request: TraceRequest) -> int:
+        """The load a request charges its router until it is done (the Ray front end's measure)."""
         return request.prompt_len + request.output_len
 
     def _arrive(self, request: TraceRequest) -> None:
@@ -209,9 +210,12 @@ class _Cluster:
                 self._hand_off(i, job)
             else:
                 result.first_token_s = self.now
-        for job in done:
-            if not job.prefill_only:
-                self._finish(job, replicas is self.back)
+        for job in (j for j in done if not j.prefill_only):
+            result = self.results[job.request.request_id]
+            if replicas is self.back:
+                self._finish(result, self.decode_router, result.decode_replica)
+            else:
+                self._finish(result, self.router, result.replica)
         self._step(replicas, i)
 
     def _hand_off(self, i: int, job: Job) -> None:
@@ -230,24 +234,16 @@ class _Cluster:
         self.router.done(i, self._cost_tokens(job.request))
         result = self.results[job.request.request_id]
         result.first_token_s = self.now
-        if job.request.output_len == 1:
-            self._finish_result(result)
-            self.decode_router.done(d, self._cost_tokens(job.request))
-            return
-        self._submit(self.back, d, job.request, computed=job.request.prompt_len, produced=1)
-
-    def _finish(self, job: Job, on_decode_replica: bool) -> None:
-        result = self.results[job.request.request_id]
-        self._finish_result(result)
-        if on_decode_replica:
-            self.decode_router.done(result.decode_replica, self._cost_tokens(job.request))
+        if job.request.output_len == 1:             # nothing left to decode
+            self._finish(result, self.decode_router, d)
         else:
-            self.router.done(result.replica, self._cost_tokens(job.request))
+            self._submit(self.back, d, job.request, computed=job.request.prompt_len, produced=1)
 
-    def _finish_result(self, result: RequestResult) -> None:
+    def _finish(self, result: RequestResult, router: Router, replica: int) -> None:
         if not math.isnan(result.finish_s):
             raise AssertionError(f"request {result.request_id} finished twice")
         result.finish_s = self.now
+        router.done(replica, result.prompt_len + result.output_len)
 
 
 def simulate(trace: list[TraceRequest], cluster: ClusterSpec, cost: StepCost) -> SimResult:

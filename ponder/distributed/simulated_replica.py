@@ -117,8 +117,9 @@ class PrefixCache:
             self.private -= 1
 
     def release(self, job: Job) -> None:
-        """The job is done here: its private blocks are freed, its registered ones kept for reuse."""
-        for h in job.hashes[:job.registered]:
+        """The job is done here: its private blocks are freed, its registered ones kept for reuse,
+        tail first (as the engine releases them), so a prefix's head is evicted last."""
+        for h in reversed(job.hashes[:job.registered]):
             self.refs[h] -= 1
             if not self.refs[h]:
                 del self.refs[h]

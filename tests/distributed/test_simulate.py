@@ -120,9 +120,9 @@ def test_the_prefix_cache_evicts_least_recently_used_idle_blocks():
         job.computed = 2
         cache.commit(job)
         cache.release(job)
-    assert list(cache.idle) == [11, 12, 21, 22] and cache.free == 0
+    assert list(cache.idle) == [12, 11, 22, 21] and cache.free == 0      # least recent first; tails first
     c = Job(request, [21, 99])
-    assert cache.match(c.hashes) == 1 and cache.admit(c, 1, 3)    # reuses 21; evicts 11, 12 for room
+    assert cache.match(c.hashes) == 1 and cache.admit(c, 1, 3)    # reuses 21; evicts 12, 11 for room
     assert list(cache.idle) == [22] and cache.refs == {21: 1} and cache.private == 2
     assert not cache.admit(Job(request, []), 0, 3)                 # 1 free + 1 idle: no room for 3
 
