@@ -4,6 +4,11 @@ priced by the per-step cost model fitted from ponder's own step timings:
 
     ponder bench costmodel --per-step --output benchmarks/results/step-costmodel-smollm2-135m.json
     python benchmarks/simulate_cluster.py          # JSON + PNG under benchmarks/results/
+    # the same experiments priced by the models written on paper (docs/distributed.md)
+    python benchmarks/simulate_cluster.py --tag=-roofline \
+        --cost-model benchmarks/results/step-costmodel-roofline-smollm2-135m.json
+    python benchmarks/simulate_cluster.py --tag=-whatif-cheap-decode \
+        --cost-model benchmarks/results/step-costmodel-whatif-cheap-decode.json
 
 (a) routing: 16 system prompts of 64 blocks, Poisson arrivals; goodput vs replicas 1..8 for
     prefix-aware, round-robin and least-loaded. Each replica's KV pool holds about ten of the system
