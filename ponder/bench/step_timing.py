@@ -38,8 +38,8 @@ class SweepPoint:
 
 
 # Decode rows x context at a few batch sizes; prefill chunks of several sizes at rising positions;
-# mixed steps. About 30k prompt tokens and 700 steps: under two minutes for the default model on 2
-# idle cores.
+# mixed steps. About 30k prompt tokens in 278 steps: meant to take under two minutes for the default
+# model on 2 idle cores (not yet timed idle; on a busy machine it took ten).
 DEFAULT_SWEEP = (
     *(SweepPoint(b, n, 16, 1024) for b, n in ((1, 16), (1, 768), (8, 256), (8, 768), (32, 16), (32, 256))),
     *(SweepPoint(2, 1024, 2, t) for t in (64, 256, 1024)),
