@@ -1,4 +1,5 @@
-"""`ponder bench ...`: throughput (offline), serve (online), single-stream, roofline, tune, costmodel.
+"""`ponder bench ...`: throughput (offline), serve (online), single-stream, roofline, tune (and costmodel,
+think, humaneval, each from its own module).
 
 Each command builds a workload, runs ponder and the asked-for peers one after another (never two at
 once: they would share the CPU), prints side-by-side tables and writes JSON (+ PNG plots) if asked.
@@ -12,21 +13,11 @@ import math
 import os
 import sys
 
-from ponder.bench.workloads import DEFAULT_GSM8K_PATH, WORKLOAD_KINDS, WorkloadSpec
+from ponder.bench.workloads import DEFAULT_GSM8K_PATH, WORKLOAD_KINDS, WorkloadSpec, int_list
 
 OFFLINE_PEERS = ("hf", "llama.cpp")
 SERVE_PEERS = ("ponder", "llama.cpp")
 SINGLE_STREAM_PEERS = ("llama.cpp",)
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 # -- arguments --------------------------------------------------------------------------------------
@@ -58,7 +49,7 @@ def _output_args(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add `bench` and its commands to the `ponder` command's subparsers."""
-    from ponder.bench import humaneval, think_eval
+    from ponder.bench import costmodel_command, humaneval, think_eval
     from ponder.config import add_engine_arguments
 
     bench = sub.add_parser("bench", help="benchmarks: offline, online, single stream, roofline, tuning, cost model")
@@ -78,7 +69,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     help="start a server and measure it (repeatable): ponder, llama.cpp")
     sv.add_argument("--base-url", action="append", default=[], metavar="[NAME=]URL",
                     help="measure a running OpenAI-compatible server (repeatable)")
-    sv.add_argument("--concurrency", type=_int_list, default=[1, 4, 16, 64],
+    sv.add_argument("--concurrency", type=int_list, default=[1, 4, 16, 64],
                     help="most requests in flight; a comma list sweeps (default 1,4,16,64)")
     sv.add_argument("--request-rate", type=float, default=math.inf,
                     help="Poisson arrivals per second (default inf: all at once, gated by concurrency)")
@@ -111,21 +102,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     tu = cmds.add_parser("tune", help="search max_num_batched_tokens x max_num_seqs for a workload")
     add_engine_arguments(tu)
     _workload_args(tu, "offline-64", 64, "64:256", 128)
-    tu.add_argument("--batched-tokens-grid", type=_int_list, default=[256, 512, 1024, 2048])
-    tu.add_argument("--num-seqs-grid", type=_int_list, default=[16, 32, 64])
+    tu.add_argument("--batched-tokens-grid", type=int_list, default=[256, 512, 1024, 2048])
+    tu.add_argument("--num-seqs-grid", type=int_list, default=[16, 32, 64])
     _output_args(tu)
     tu.set_defaults(bench_func=cmd_tune)
 
-    cm = cmds.add_parser("costmodel", help="fit runtime = a + b*prompt_tokens + c*output_tokens from a sweep")
-    add_engine_arguments(cm)
-    cm.add_argument("--num-requests", type=int, default=16)
-    cm.add_argument("--input-lens", type=_int_list, default=[32, 128, 256])
-    cm.add_argument("--output-lens", type=_int_list, default=[16, 64])
-    cm.add_argument("--seed", type=int, default=0)
-    cm.add_argument("--output", default=None, help="results JSON path")
-    cm.add_argument("--no-progress", action="store_true")
-    cm.set_defaults(bench_func=cmd_costmodel)
-    for evaluation in (think_eval, humaneval):
+    for evaluation in (costmodel_command, think_eval, humaneval):
         add_engine_arguments(evaluation.add_parser(cmds))
     return bench
 
@@ -366,35 +348,4 @@ def cmd_tune(args) -> int:
     _finish(args, "tune", runs, best={"max_num_batched_tokens": best.config["max_num_batched_tokens"],
                                       "max_num_seqs": best.config["max_num_seqs"],
                                       "output_throughput": best.metrics.output_throughput})
-    return 0
-
-
-def cmd_costmodel(args) -> int:
-    import dataclasses
-
-    from ponder.bench import offline
-    from ponder.bench.costmodel import fit_cost_model
-    from ponder.bench.workloads import random_tokens
-    from ponder.config import engine_options
-    from ponder.model.loader import load_model
-
-    loaded = load_model(args.model, _cache_dir())
-    runs = []
-    for i, (inp, out) in enumerate((i, o) for i in args.input_lens for o in args.output_lens):
-        workload = random_tokens(args.num_requests, inp, inp, out, loaded.config.vocab_size, args.seed + i,
-                                 name=f"in{inp}-out{out}")
-        run = offline.run_ponder(workload, loaded, engine_options(args), _progress(args))
-        run.name = workload.name
-        runs.append(run)
-    model = fit_cost_model([r.metrics.prompt_tokens for r in runs], [r.metrics.output_tokens for r in runs],
-                           [r.duration_s for r in runs])
-    print(f"{'run':<16} {'prompt tok':>10} {'output tok':>10} {'runtime s':>10} {'fit s':>8}")
-    for r in runs:
-        m = r.metrics
-        print(f"{r.name:<16} {m.prompt_tokens:>10} {m.output_tokens:>10} {r.duration_s:>10.2f} "
-              f"{model.predict(m.prompt_tokens, m.output_tokens):>8.2f}")
-    print(f"runtime ≈ {model.a:.3f} s + {model.b * 1e3:.4f} ms × prompt_tokens + "
-          f"{model.c * 1e3:.4f} ms × output_tokens   (R² = {model.r2:.3f}, {len(runs)} runs)")
-    args.no_plots = True
-    _finish(args, "costmodel", runs, show_tables=False, cost_model=dataclasses.asdict(model))
     return 0

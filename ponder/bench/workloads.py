@@ -6,6 +6,7 @@ is the client's business (see `ponder.bench.client.arrival_offsets`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -108,6 +109,17 @@ def warmup(workload: Workload, length: int = 8) -> Workload:
 def chat_ids(tokenizer, user_message: str) -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": user_message}], add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def int_list(text: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16] (an argparse type: positive integers, comma-separated)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def parse_length_range(text: str) -> tuple[int, int]:

@@ -163,3 +163,13 @@ def test_costmodel_fits_coefficients(tmp_path):
     # Well-formed, not signed: on a loaded 2-core machine a fitted coefficient can come out
     # negative from timing noise alone.
     assert all(math.isfinite(model[k]) for k in ("a", "b", "c")) and model["r2"] <= 1.0
+
+
+def test_costmodel_per_step_fits_non_negative_coefficients(tmp_path):
+    doc = _bench(tmp_path, "costmodel", "--per-step", "--sweep", "small", "--note", "test", *KV, "--no-progress")
+    model, steps = doc["step_cost_model"], doc["steps"]
+    assert doc["mode"] == "per-step" and doc["note"] == "test" and model["steps"] == len(steps["rows"]) > 0
+    assert all(model[k] >= 0 for k in "abcde") and model["r2"] <= 1.0
+    assert steps["columns"] == ["point", "prompt_tokens", "decode_rows", "context_tokens", "prefill_context_tokens",
+                                "seconds"]
+    assert len({row[0] for row in steps["rows"]}) == len(doc["sweep"]) == 4     # every sweep point timed
