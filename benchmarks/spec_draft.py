@@ -31,12 +31,12 @@ def humaneval_prompts(count: int) -> list[str]:
         return [json.loads(line)["prompt"] for line in f][:count]
 
 
-def run(llm: LLM, prompt: str, max_tokens: int) -> tuple[list[int], float, float]:
+def run(llm: LLM, prompt: str, max_tokens: int, params: SamplingParams | None = None) -> tuple[list[int], float, float]:
     """The tokens, the seconds to the first one (the prompt's prefill, and the draft's) and the
-    seconds of decoding after it."""
+    seconds of decoding after it; greedy unless `params` are given."""
     engine = llm.engine
     start = time.perf_counter()
-    request = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    request = engine.add_request(prompt, params or SamplingParams(temperature=0.0, max_tokens=max_tokens))
     first = None
     while not request.finished:
         engine.step()

@@ -17,15 +17,17 @@ import json
 
 from spec_draft import humaneval_prompts, run
 
-from ponder import LLM
+from ponder import LLM, SamplingParams
 
 
-def measure(llm: LLM, prompts: list[str], max_tokens: int) -> tuple[list[list[int]], dict]:
+def measure(llm: LLM, prompts: list[str], max_tokens: int, sampled: bool) -> tuple[list[list[int]], dict]:
     run(llm, prompts[0], 4)                                     # warm up
     before = dict(llm.stats())
     outputs, seconds, decoded = [], 0.0, 0
-    for prompt in prompts:
-        tokens, _, t = run(llm, prompt, max_tokens)
+    for i, prompt in enumerate(prompts):
+        params = (SamplingParams.with_defaults(llm.engine.sampling_defaults, seed=100 + i, max_tokens=max_tokens)
+                  if sampled else None)
+        tokens, _, t = run(llm, prompt, max_tokens, params)
         outputs.append(tokens)
         seconds += t
         decoded += len(tokens) - 1
@@ -48,13 +50,16 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--k", type=int, action="append", help="drafted tokens verified per forward (repeatable)")
     p.add_argument("--width", type=int, default=2, help="the tree's candidates per expanded node")
+    p.add_argument("--sampled", action="store_true",
+                   help="seeded sampling with the model's recommended settings instead of greedy")
     p.add_argument("--output")
     args = p.parse_args()
     prompts = humaneval_prompts(args.prompts)
     plain = LLM(args.target, num_kv_blocks=1024)
-    want, base = measure(plain, prompts, args.max_tokens)
+    want, base = measure(plain, prompts, args.max_tokens, args.sampled)
     result = {"target": args.target, "draft": args.draft, "workload": f"humaneval[:{args.prompts}]",
-              "max_tokens": args.max_tokens, "tree_width": args.width, "plain_decode_tok_s": base["decode_tok_s"],
+              "max_tokens": args.max_tokens, "tree_width": args.width,
+              "sampling": dict(plain.engine.sampling_defaults) if args.sampled else "greedy", "plain_decode_tok_s": base["decode_tok_s"],
               "runs": []}
     del plain
     for k in args.k or [4, 8]:
@@ -62,7 +67,7 @@ def main() -> None:
         for method in ("draft", "tree"):
             llm = LLM(args.target, num_kv_blocks=1024, speculative_method=method, speculative_model=args.draft,
                       num_speculative_tokens=k, speculative_adaptive=False, speculative_tree_width=args.width)
-            outputs, row[method] = measure(llm, prompts, args.max_tokens)
+            outputs, row[method] = measure(llm, prompts, args.max_tokens, args.sampled)
             row[method]["identical_outputs"] = outputs == want
             del llm
         row["tree_over_chain_accepted"] = round(row["tree"]["accepted_per_forward"] /
