@@ -88,6 +88,8 @@ def cmd_think(args) -> int:
         print(f"{len(done)}/{len(problems)} problems", flush=True)
     report = summarize([done[p["index"]] for p in problems], args.samples)
     write_report({**report, "settings": settings}, args.output)
+    if args.output:
+        plot_accuracy_vs_tokens(report, os.path.splitext(args.output)[0] + ".png")
     return 0
 
 
@@ -156,9 +158,11 @@ def summarize(rows: list[dict], samples: int) -> dict:
               "no_answer_samples": sum(s.answer is None for pool in pools for s in pool),
               "generated_tokens_per_sample": round(sum(s.tokens for p in pools for s in p) /
                                                    max(1, sum(len(p) for p in pools)), 1)}
+    report["greedy"]["generated_tokens_per_problem"] = round(sum(row["greedy"]["tokens"] for row in rows) / max(n, 1), 1)
     for k in ks:
         correct = [majority_correct(pool[:k], row["reference"]) for pool, row in zip(pools, rows)]
-        report["maj@k"][k] = _rate(sum(correct), n)
+        report["maj@k"][k] = {**_rate(sum(correct), n), "generated_tokens_per_problem":
+                              round(sum(s.tokens for pool in pools for s in pool[:k]) / max(n, 1), 1)}
         report["maj@k_vs_greedy"][k] = paired_difference(correct, greedy)
     adaptive = [adaptive_on_pool(pool, row["reference"]) for pool, row in zip(pools, rows)]
     report["adaptive_consistency"] = {**_rate(sum(c for c, _ in adaptive), n),
@@ -187,6 +191,31 @@ def majority_correct(pool: list[Sample], reference: str | None) -> bool:
     """Whether the majority of the voting samples is right (no vote at all: wrong)."""
     top = winner(tally([s.answer if s.votes else None for s in pool]))
     return answers_equal(top, reference)
+
+
+def plot_accuracy_vs_tokens(report: dict, path: str) -> str:
+    """Accuracy (with its 95% interval) against generated tokens per problem: greedy, maj@k for
+    each k, adaptive consistency."""
+    from ponder.bench.report import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = [("greedy", report["greedy"])] + [(f"maj@{k}", r) for k, r in report["maj@k"].items()]
+    points.append(("adaptive", report["adaptive_consistency"]))
+    for label, r in points:
+        x, y = r["generated_tokens_per_problem"], 100 * r["accuracy"]
+        ax.errorbar([x], [y], yerr=[[y - 100 * r["ci95"][0]], [100 * r["ci95"][1] - y]], fmt="o", capsize=3,
+                    label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("generated tokens per problem")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"GSM8K, {report['problems']} problems")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -36,6 +36,13 @@ def test_report_counts_votes_from_the_pool_in_order():
     assert report["pass@k"][4] == 1.0 and report["pass@k"][1] == round((3 / 4 + 1 / 4) / 2, 4)
     assert report["truncated_samples"] == 2 and report["no_answer_samples"] == 1
     assert report["maj@k_vs_greedy"][4]["only_first_right"] == 0 and report["maj@k_vs_greedy"][4]["only_second_right"] == 1
+    assert report["greedy"]["generated_tokens_per_problem"] == 1 and report["maj@k"][2]["generated_tokens_per_problem"] == 20
+
+
+def test_the_plot_of_accuracy_against_tokens_is_written(tmp_path):
+    rows = [_row("7", False, [("7", "stop"), ("3", "stop")]), _row("5", True, [("5", "stop"), ("2", "stop")])]
+    path = think_eval.plot_accuracy_vs_tokens(summarize(rows, 2), str(tmp_path / "think.png"))
+    assert (tmp_path / "think.png").stat().st_size > 1000 and path.endswith("think.png")
 
 
 def test_paired_difference():
