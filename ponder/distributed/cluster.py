@@ -70,6 +70,11 @@ class RayCluster:
     _started: bool = field(default=False, init=False, repr=False)
 
     @property
+    def folder(self) -> str | None:
+        """The folder of the loopback settings (bootstrap HOME and Ray's temp folder), while started."""
+        return self._folder
+
+    @property
     def loopback(self) -> bool:
         return self.address is None or is_loopback_address(self.address)
 

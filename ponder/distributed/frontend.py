@@ -147,6 +147,14 @@ class ReplicaSet:
         for replica in list(self._replicas.values()):
             self._stop(replica, "stopped", RequestAborted(SHUTDOWN_REASON))
 
+    def set_policy(self, policy: str) -> None:
+        """Route by `policy` from now on: a fresh router over the replicas in rotation (what the
+        old one remembered is forgotten); for comparing policies, with nothing in flight."""
+        router = Router(policy, block_size=self.info.block_size)
+        for index in self.router.load:
+            router.add_replica(index)
+        self.router = router
+
     # -- requests ---------------------------------------------------------------------------------
     async def add(self, prompts: list[list[int]], params: SamplingParams, request_id: str) -> Stream:
         """Queue one engine request per prompt on one replica (AsyncEngine.add's contract)."""
