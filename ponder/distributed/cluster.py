@@ -143,10 +143,13 @@ class RayCluster:
                            _temp_dir=os.path.join(self._folder, "tmp"))
         else:
             options.update(address=self.address)
+        saved = _signal_handlers()
         try:
             context = ray.init(**options)
         except ConnectionError as e:
             raise ClusterError(f"could not join the Ray cluster at {self.address}: {e}") from None
+        finally:
+            _restore_signal_handlers(saved)
         self.node_ip_address = context.address_info["node_ip_address"]
         if self.loopback and self.node_ip_address != "127.0.0.1":
             ray.shutdown()
@@ -171,3 +174,26 @@ class RayCluster:
         import ray
 
         return ray.get_runtime_context().gcs_address
+
+
+# ray.init makes SIGTERM exit the process at once (status 15, or 1 after killing the node's
+# processes); the process's owner (`ponder serve`: drain, then stop) keeps its own handlers, and
+# stop() ends the cluster's processes.
+_SIGNALS = ("SIGTERM", "SIGINT")
+
+
+def _signal_handlers() -> dict:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {name: signal.getsignal(getattr(signal, name)) for name in _SIGNALS}
+
+
+def _restore_signal_handlers(saved: dict) -> None:
+    import signal
+
+    for name, handler in saved.items():
+        if handler is not None:
+            signal.signal(getattr(signal, name), handler)
