@@ -8,7 +8,7 @@ EngineUnavailable with a Retry-After (503). Outputs come back on each replica's 
 and are fed into the same `Stream`s the server reads from a local engine.
 
 Failures: a replica whose channel breaks (its process died, `ray.kill`), whose engine loop failed,
-or that misses `max_missed` health checks in a row is taken out of rotation at once; its in-flight
+or that stops answering health checks (health.py) is taken out of rotation at once; its in-flight
 requests end with EngineDeadError naming it, the others go on, and a replacement is started (and
 joins the rotation when ready). A think request is sent as its description (a dataclass such as
 ponder.think.run.ThinkProgram) and built into a program inside the replica.
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import ray
 
 from ponder.distributed.cluster import ClusterError
+from ponder.distributed.health import HealthPolicy, describe, watch, within
 from ponder.distributed.replica import EngineReplica, Entry, ReplicaInfo, ReplicaSpec
 from ponder.distributed.router import Router
 from ponder.distributed.wire import OutputDecoder, WireError
@@ -72,12 +73,12 @@ class ReplicaSet:
     models), then `start()` on the event loop that will serve it."""
 
     def __init__(self, spec: ReplicaSpec, num_replicas: int, policy: str = "prefix-aware",
-                 replica_class: type = EngineReplica, ready_timeout: float = 600.0, health_interval: float = 1.0,
-                 health_timeout: float = 5.0, max_missed: int = 3):
+                 replica_class: type = EngineReplica, ready_timeout: float = 600.0,
+                 health: HealthPolicy | None = None):
         if num_replicas < 1:
             raise ValueError(f"the number of replicas must be >= 1, got {num_replicas}")
         self.spec, self.ready_timeout = spec, ready_timeout
-        self.health_interval, self.health_timeout, self.max_missed = health_interval, health_timeout, max_missed
+        self.health_policy = health or HealthPolicy()
         self._check_cpus(num_replicas)
         self._actor_class = ray.remote(replica_class)
         self._replicas: dict[int, Replica] = {}
@@ -116,7 +117,8 @@ class ReplicaSet:
         self._accepting = True
         for replica in self._replicas.values():
             replica.pump = self._loop.create_task(self._pump(replica))
-        self._background(self._watch())
+        self._background(watch(lambda: [r for r in self._replicas.values() if r.state in ("serving", "draining")],
+                               self.health_policy, self._lost))
 
     async def drain(self, timeout: float) -> None:
         """Take no new request; let every replica finish what it has for up to `timeout` seconds,
@@ -125,9 +127,9 @@ class ReplicaSet:
         draining = [r for r in self._replicas.values() if r.state == "serving"]
         for replica in draining:
             replica.state = "draining"
-        await asyncio.gather(*(_within(r.actor.drain.remote(timeout), timeout + self.health_timeout)
+        await asyncio.gather(*(within(r.actor.drain.remote(timeout), timeout + self.health_policy.timeout)
                                for r in draining), return_exceptions=True)
-        deadline = time.monotonic() + self.health_timeout     # the replicas' last entries
+        deadline = time.monotonic() + self.health_policy.timeout     # the replicas' last entries
         while self._submissions and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
@@ -142,7 +144,7 @@ class ReplicaSet:
         for task in list(self._tasks):
             task.cancel()
         live = [r for r in self._replicas.values() if r.state not in ("dead", "stopped")]
-        await asyncio.gather(*(_within(r.actor.shutdown.remote(), self.health_timeout) for r in live),
+        await asyncio.gather(*(within(r.actor.shutdown.remote(), self.health_policy.timeout) for r in live),
                              return_exceptions=True)
         for replica in list(self._replicas.values()):
             self._stop(replica, "stopped", RequestAborted(SHUTDOWN_REASON))
@@ -257,27 +259,6 @@ class ReplicaSet:
                 self._forget(sub)
 
     # -- health and replacement --------------------------------------------------------------------
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.health_interval)
-            await asyncio.gather(*(self._check(r) for r in list(self._replicas.values())
-                                   if r.state in ("serving", "draining")))
-
-    async def _check(self, replica: Replica) -> None:
-        try:
-            report = await _within(replica.actor.health.remote(), self.health_timeout)
-        except asyncio.TimeoutError:
-            replica.missed += 1
-            if replica.missed >= self.max_missed:
-                self._lost(replica, f"it missed {replica.missed} health checks in a row")
-            return
-        except ray.exceptions.RayError as e:
-            self._lost(replica, describe(e))
-            return
-        replica.missed, replica.health = 0, report
-        if not report["healthy"]:
-            self._lost(replica, f"its engine failed: {report['error']}")
-
     def _lost(self, replica: Replica, reason: str) -> None:
         """Out of rotation now; its requests fail; a replacement starts (unless shutting down)."""
         if replica.state in ("dead", "stopped"):
@@ -303,7 +284,7 @@ class ReplicaSet:
         for attempt in itertools.count():
             replica = self._spawn(replaces=old.index)
             try:
-                info = await _within(replica.actor.ready.remote(), self.ready_timeout)
+                info = await within(replica.actor.ready.remote(), self.ready_timeout)
             except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
                 logger.error("replica %d (replacing %d) did not start: %s", replica.index, old.index, describe(e))
                 ray.kill(replica.actor, no_restart=True)
@@ -372,15 +353,15 @@ class ReplicaSet:
     async def metrics_texts(self) -> dict[int, bytes]:
         """Each serving replica's Prometheus text, by replica index (those that answer in time)."""
         serving = [r for r in self._replicas.values() if r.state in ("serving", "draining")]
-        texts = await asyncio.gather(*(_within(r.actor.metrics_text.remote(), self.health_timeout)
+        texts = await asyncio.gather(*(within(r.actor.metrics_text.remote(), self.health_policy.timeout)
                                        for r in serving), return_exceptions=True)
         return {r.index: t for r, t in zip(serving, texts) if isinstance(t, bytes)}
 
     def collect_stats(self) -> dict[int, dict]:
         """Blocking (not on the event loop): each serving replica's engine stats now."""
         serving = [r for r in self._replicas.values() if r.state == "serving"]
-        return {r.index: report["stats"] for r, report in
-                zip(serving, ray.get([r.actor.health.remote() for r in serving], timeout=self.health_timeout))}
+        reports = ray.get([r.actor.health.remote() for r in serving], timeout=self.health_policy.timeout)
+        return {r.index: report["stats"] for r, report in zip(serving, reports)}
 
 
 def sum_stats(stats: list[dict]) -> dict:
@@ -394,15 +375,3 @@ def sum_stats(stats: list[dict]) -> dict:
                 total.setdefault(key, value)
     return total
 
-
-async def _within(ref, timeout: float):
-    return await asyncio.wait_for(asyncio.ensure_future(ref), timeout)
-
-
-def describe(error: BaseException) -> str:
-    """A Ray error in one line: its cause's type and message, without the traceback."""
-    cause = getattr(error, "cause", None)
-    if isinstance(cause, BaseException) and cause is not error:
-        return f"{type(cause).__name__}: {cause}"
-    first = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {first[0] if first else ''}"

@@ -21,12 +21,13 @@ LONG = 3000          # tokens: a few seconds of decoding on the tiny model
 @pytest.fixture(scope="module")
 def replicas(ray_cluster, tmp_path_factory, tiny_cache):
     from ponder.distributed.frontend import ReplicaSet
+    from ponder.distributed.health import HealthPolicy
     from ponder.distributed.replica import ReplicaSpec
 
     cfg = tiny_config(max_position_embeddings=4096)
     folder = write_hf_folder(tiny_model(cfg), cfg, str(tmp_path_factory.mktemp("long")))
     config = EngineConfig(model=folder, cache_dir=tiny_cache, block_size=16, num_kv_blocks=1024)
-    return ReplicaSet(ReplicaSpec(config), 2, health_interval=0.5)
+    return ReplicaSet(ReplicaSpec(config), 2, health=HealthPolicy(interval=0.5))
 
 
 @pytest.fixture(scope="module")
