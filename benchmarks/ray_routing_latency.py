@@ -120,8 +120,8 @@ def main() -> None:
 
         result = asyncio.run(run())
     result["config"] = {"model": replicas.info.model_name, "prompt_tokens": len(prompt),
-                        "replica_cpus": args.replica_cpus, "requests": args.requests, "stream_requests": args.stream_requests,
-                        "stream_tokens": args.stream_tokens}
+                        "replica_cpus": args.replica_cpus, "requests": args.requests,
+                        "stream_requests": args.stream_requests, "stream_tokens": args.stream_tokens}
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:

@@ -21,8 +21,9 @@ def _outputs(rng: random.Random, steps: int) -> list[RequestOutput]:
     for step in range(steps):
         for c in range(2):
             n = rng.randrange(0, 3)
-            tokens[c] = tokens[c] + [rng.randrange(100) for _ in range(n)]
-            logprobs[c] = logprobs[c] + [Logprob(t, -rng.random(), {t: -0.1}) for t in tokens[c][-n:]] if n else logprobs[c]
+            new = [rng.randrange(100) for _ in range(n)]
+            tokens[c] = tokens[c] + new
+            logprobs[c] = logprobs[c] + [Logprob(t, -rng.random(), {t: -0.1}) for t in new]
             texts[c] += "".join(rng.choice("abc ") for _ in range(n))
         if step < 3:
             prompt_lps = prompt_lps + [None if not prompt_lps else Logprob(step, -1.0, rank=1)]
