@@ -187,3 +187,24 @@ def test_every_replica_full_is_503_with_retry_after(ray_cluster, tmp_path, tiny_
                 in metrics
     finally:
         server.stop()
+
+
+def test_workers_get_the_cache_folder_from_before_home_moved_and_this_ponder(ray_cluster):
+    """The loopback settings move HOME; the cache folder resolved before is what workers use (so
+    replicas rebuild no kernel), and they import the ponder this test runs."""
+    import os
+
+    import ray
+
+    import ponder
+
+    @ray.remote(num_cpus=0)
+    def where() -> tuple[str, str, str]:
+        import ponder as theirs
+
+        return os.environ.get("PONDER_CACHE_DIR", ""), os.environ["HOME"], theirs.__file__
+
+    cache, home, module = ray.get(where.remote(), timeout=30)
+    assert home.startswith(ray_cluster.folder)                     # the bootstrap HOME
+    assert not cache.startswith(ray_cluster.folder) and cache == os.environ["PONDER_CACHE_DIR"]
+    assert module == ponder.__file__
