@@ -10,6 +10,7 @@ channel breaks.
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -54,8 +55,13 @@ async def within(ref, timeout: float):
 
 def describe(error: BaseException) -> str:
     """A Ray error in one line: its cause's type and message, without the traceback."""
-    cause = getattr(error, "cause", None)
+    cause = getattr(error, "cause", None)          # a task's own exception
     if isinstance(cause, BaseException) and cause is not error:
         return f"{type(cause).__name__}: {cause}"
-    first = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {first[0] if first else ''}"
+    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+    if getattr(error, "actor_init_failed", False) and lines:
+        return lines[-1]                           # the actor's __init__ failed: its error ends the traceback
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")

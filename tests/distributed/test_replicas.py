@@ -208,3 +208,17 @@ def test_workers_get_the_cache_folder_from_before_home_moved_and_this_ponder(ray
     assert home.startswith(ray_cluster.folder)                     # the bootstrap HOME
     assert not cache.startswith(ray_cluster.folder) and cache == os.environ["PONDER_CACHE_DIR"]
     assert module == ponder.__file__
+
+
+def test_a_replica_that_cannot_load_its_model_is_a_clear_error_at_start(ray_cluster, tiny_cache):
+    from ponder.distributed.cluster import ClusterError
+    from ponder.distributed.frontend import ReplicaSet
+    from ponder.distributed.replica import ReplicaSpec
+
+    total, free = ray_cluster.cpus()
+    with pytest.raises(ClusterError, match="the replicas did not start: .*unknown model '/no/such/model'"):
+        ReplicaSet(ReplicaSpec(EngineConfig(model="/no/such/model", cache_dir=tiny_cache)), 1, ready_timeout=60)
+    deadline = time.monotonic() + 10
+    while ray_cluster.cpus() != (total, free) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray_cluster.cpus() == (total, free)
