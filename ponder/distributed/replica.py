@@ -167,6 +167,8 @@ class EngineReplica:
                 self._outbox.post(key, ProgramUpdate([], stream.result), True)
         except Exception as e:                # RequestFailed, RequestAborted, EngineDeadError
             self._outbox.post(key, WireError.of(e), True)
+        finally:
+            self._encoder.forget(stream.request_ids)
 
     # -- observation and lifecycle ----------------------------------------------------------------
     async def health(self) -> dict:

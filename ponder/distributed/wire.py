@@ -121,6 +121,11 @@ class OutputEncoder:
             del self._sent[out.request_id]
         return delta
 
+    def forget(self, request_ids: list[str]) -> None:
+        """Drop what was sent of requests that ended without a finished output (aborted, failed)."""
+        for rid in request_ids:
+            self._sent.pop(rid, None)
+
 
 class OutputDecoder:
     """Front-end side: the cumulative RequestOutput each delta brings a request to."""

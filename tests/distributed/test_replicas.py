@@ -4,6 +4,7 @@ one engine, prefix-aware routing saves prompt computation, think requests, metri
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -80,6 +81,36 @@ def test_20_streams_give_one_engines_greedy_outputs(server, client, replicas, on
     assert got == expected
     added = [s["requests_added"] for s in replicas.collect_stats().values()]
     assert sum(added) == NUM_REQUESTS and min(added) > 0, added      # both replicas served
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_choices_logprobs_and_usage_are_one_engines(server, replicas, tiny_engine_config, stream):
+    """n > 1, logprobs, prompt logprobs and echo travel as deltas and come out as one engine's."""
+    from ponder.engine.engine import LLMEngine
+
+    body = {"model": replicas.info.model_name, "prompt": ["first prompt", "second"], "max_tokens": 6, "n": 2,
+            "temperature": 0.9, "seed": 7, "logprobs": 2, "echo": True, "prompt_logprobs": 1, "stream": stream,
+            "stream_options": {"include_usage": True} if stream else None}
+    alone = ServerThread(LLMEngine(tiny_engine_config()))
+    try:
+        answers = [_without_ids(httpx.post(url + "/v1/completions", json=body, timeout=60))
+                   for url in (alone.url, server.url)]
+    finally:
+        alone.stop()
+    assert answers[0] == answers[1]
+
+
+def _without_ids(response: httpx.Response):
+    """A completion's JSON (or its stream's chunks) without what differs between two servers."""
+    assert response.status_code == 200, response.text
+    if response.headers["content-type"].startswith("text/event-stream"):
+        bodies = [json.loads(line[6:]) for line in response.text.splitlines()
+                  if line.startswith("data: {")]
+    else:
+        bodies = [response.json()]
+    for b in bodies:
+        b.pop("id"), b.pop("created")
+    return bodies
 
 
 def _shared_prefix_requests(seed: int) -> list[list[int]]:
