@@ -83,7 +83,13 @@ class ServeProcess:
             time.sleep(0.2)
 
     def kill(self) -> None:
+        """End it if it still runs: SIGTERM first (so that it stops its Ray processes and wipes
+        their folder), SIGKILL if that takes too long."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self._log.close()

@@ -100,17 +100,26 @@ def test_choices_logprobs_and_usage_are_one_engines(server, replicas, tiny_engin
     assert answers[0] == answers[1]
 
 
-def _without_ids(response: httpx.Response):
-    """A completion's JSON (or its stream's chunks) without what differs between two servers."""
+def _without_ids(response: httpx.Response) -> dict:
+    """A completion's choices and usage; a stream's chunks joined per choice (how a stream is cut
+    into chunks depends on when its reader reads)."""
     assert response.status_code == 200, response.text
-    if response.headers["content-type"].startswith("text/event-stream"):
-        bodies = [json.loads(line[6:]) for line in response.text.splitlines()
-                  if line.startswith("data: {")]
-    else:
-        bodies = [response.json()]
-    for b in bodies:
-        b.pop("id"), b.pop("created")
-    return bodies
+    if not response.headers["content-type"].startswith("text/event-stream"):
+        body = response.json()
+        return {"choices": body["choices"], "usage": body["usage"]}
+    choices, usage = {}, None
+    for line in response.text.splitlines():
+        if not line.startswith("data: {"):
+            continue
+        chunk = json.loads(line[6:])
+        usage = chunk.get("usage") or usage
+        for c in chunk["choices"]:
+            joined = choices.setdefault(c["index"], {"text": "", "finish_reason": None, "logprobs": {}})
+            joined["text"] += c["text"]
+            joined["finish_reason"] = c["finish_reason"] or joined["finish_reason"]
+            for key, values in (c.get("logprobs") or {}).items():
+                joined["logprobs"].setdefault(key, []).extend(values)
+    return {"choices": [choices[i] for i in sorted(choices)], "usage": usage}
 
 
 def _shared_prefix_requests(seed: int) -> list[list[int]]:
