@@ -82,14 +82,32 @@ def server_config(args):
 
 
 def cmd_serve(args) -> int:
-    from ponder.server.launch import serve
-
     if args.model_arg and args.model and args.model_arg != args.model:
         raise ValueError(f"two models given: {args.model_arg!r} and --model {args.model!r}")
+    if args.replicas is None and (args.ray_address or args.router or args.replica_cpus):
+        raise ValueError("--ray-address, --router and --replica-cpus go with --replicas N")
+    if args.replicas is not None and args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.replica_cpus is not None and args.replica_cpus < 1:
+        raise ValueError(f"--replica-cpus must be >= 1, got {args.replica_cpus}")
     config = server_config(args)
     for sig in (signal.SIGTERM, signal.SIGINT):   # a shutdown signal is a clean exit once drained
         signal.signal(sig, lambda *_: sys.exit(0))
-    serve(args.model_arg or args.model, engine_options(args), config)
+    model = args.model_arg or args.model
+    if args.replicas is None:
+        from ponder.server.launch import serve
+
+        serve(model, engine_options(args), config)
+        return 0
+    from ponder.distributed.cluster import ClusterError      # Ray itself is imported only from here on
+    from ponder.distributed.serve import serve_replicas
+
+    try:
+        serve_replicas(model, engine_options(args), config, args.replicas, args.ray_address,
+                       args.router or "prefix-aware", args.replica_cpus or 1)
+    except ClusterError as e:
+        print(f"ponder: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -128,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allowed-origins", action="extend", type=_origins, default=None, metavar="ORIGINS",
                      help="web origins (e.g. https://app.example.com) whose pages may call the API (CORS); "
                           "comma-separated or repeated; '*' allows any (default: none)")
+    dist = srv.add_argument_group("replicas (on Ray)")
+    dist.add_argument("--replicas", type=int, default=None, metavar="N",
+                      help="serve N engine replicas as Ray actors behind a router (default: one engine, no Ray)")
+    dist.add_argument("--ray-address", default=None, metavar="ADDR",
+                      help="join the Ray cluster at ADDR (default: start a local one on loopback)")
+    dist.add_argument("--router", default=None, choices=["prefix-aware", "round-robin", "least-loaded"],
+                      help="how requests are spread over the replicas (default: prefix-aware)")
+    dist.add_argument("--replica-cpus", type=int, default=None, metavar="C",
+                      help="CPUs each replica takes (its engine's threads unless --num-threads; default: 1)")
     add_engine_arguments(srv)
     srv.set_defaults(func=cmd_serve)
     from ponder.bench.cli import add_parser as add_bench_parser

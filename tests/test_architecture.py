@@ -38,7 +38,10 @@ def test_a_wrong_import_breaks_them(tmp_path):
     scheduler.write_text(scheduler.read_text() + "\nimport ponder.server.app  # the engine must not know the server\n")
     layers = tmp_path / "ponder" / "layers" / "norm.py"
     layers.write_text(layers.read_text() + "\nimport ponder.model.loader  # layers are below the model\n")
+    app = tmp_path / "ponder" / "server" / "app.py"
+    app.write_text(app.read_text() + "\nimport ray  # one engine is served without Ray\n")
     run = _lint(str(tmp_path))
     assert run.returncode != 0
     assert "ponder.engine is not allowed to import ponder.server" in run.stdout
     assert "ponder.layers is not allowed to import ponder.model" in run.stdout
+    assert "ponder.server is not allowed to import ray" in run.stdout

@@ -55,11 +55,12 @@ class Router:
             del self._holder[key]
 
     # -- requests -----------------------------------------------------------------------------
-    def route(self, prompt_token_ids: list[int], cost_tokens: int) -> int:
-        """The replica for a request, charged `cost_tokens` of load until `done`."""
-        if not self.load:
-            raise RuntimeError("no replica is in rotation")
-        replicas = sorted(self.load)
+    def route(self, prompt_token_ids: list[int], cost_tokens: int, exclude: frozenset[int] = frozenset()) -> int:
+        """The replica for a request, charged `cost_tokens` of load until `done`; none of `exclude`
+        (replicas that already refused it, say)."""
+        replicas = sorted(r for r in self.load if r not in exclude)
+        if not replicas:
+            raise RuntimeError("no replica is in rotation" if not self.load else "every replica is excluded")
         if self.policy == "round-robin":
             replica = replicas[next(self._turn) % len(replicas)]
         elif self.policy == "least-loaded":
@@ -81,8 +82,9 @@ class Router:
         lightest = self._least_loaded(replicas)
         holder = None
         for h in reversed(hashes):                      # the longest prefix some replica holds
-            if (holder := self._holder.get(h)) is not None:
+            if (holder := self._holder.get(h)) is not None and holder in replicas:
                 break
+            holder = None
         if holder is None or self._overloaded(holder, lightest):
             holder = lightest
         for h in hashes:                                # the chosen replica now holds every prefix level

@@ -203,6 +203,12 @@ class AsyncEngine:
     def healthy(self) -> bool:
         return self.error is None and self._thread is not None and self._thread.is_alive()
 
+    def health(self) -> dict:
+        """What GET /health reports: {"status": "ok"}, or "error" with why."""
+        if self.healthy:
+            return {"status": "ok"}
+        return {"status": "error", "error": f"the engine is not running: {self.error!r}"}
+
     # -- the engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
         try:

@@ -66,8 +66,8 @@ class ServerConfig:
 @dataclass
 class ServerState:
     config: ServerConfig
-    engine: AsyncEngine
-    metrics: ServerMetrics
+    engine: AsyncEngine              # or anything with its interface (ponder.distributed's ReplicaSet)
+    metrics: ServerMetrics           # or anything with its scrape() and rejected()
     model_name: str
     limits: EngineLimits
     tokenizer: Tokenizer
@@ -85,16 +85,21 @@ def build_app(engine: LLMEngine, config: ServerConfig | None = None,
     metrics = ServerMetrics(model_name, lambda: async_engine.stats)
     async_engine = AsyncEngine(engine, config.max_waiting_requests, on_step=metrics.observe_step,
                                engine_thread=engine_thread)
-    state = ServerState(config, async_engine, metrics, model_name,
-                        EngineLimits(engine.max_model_len, engine.vocab_size, engine.config.max_num_seqs,
-                                     engine.sampling_defaults),
-                        engine.tokenizer, TokenTexts(engine.tokenizer), int(time.time()), engine.grammars)
+    return serving_app(ServerState(config, async_engine, metrics, model_name,
+                                   EngineLimits(engine.max_model_len, engine.vocab_size, engine.config.max_num_seqs,
+                                                engine.sampling_defaults),
+                                   engine.tokenizer, TokenTexts(engine.tokenizer), int(time.time()), engine.grammars))
+
+
+def serving_app(state: ServerState) -> FastAPI:
+    """The app over `state.engine`, which is started and shut down with the app's lifespan."""
+    config = state.config
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        async_engine.start()
+        state.engine.start()
         yield
-        await async_engine.shutdown()
+        await state.engine.shutdown()
 
     app = FastAPI(title="ponder", description="OpenAI-compatible API of the ponder inference engine",
                   lifespan=lifespan)
@@ -134,15 +139,15 @@ _BODY_ERRORS = error_responses(400, 404, 413)     # a body: malformed, for anoth
 
 @_public.get("/health", response_model=Health, responses=error_responses(503))
 async def health(request: Request) -> Response:
-    engine = _state(request).engine
-    if not engine.healthy:
-        raise APIError(503, f"the engine is not running: {engine.error!r}")
-    return json_response({"status": "ok"})
+    report = _state(request).engine.health()
+    if report["status"] != "ok":
+        raise APIError(503, report["error"])
+    return json_response(report)
 
 
 @_public.get("/metrics", response_class=PlainTextResponse, description="Prometheus metrics (text format)")
 async def metrics(request: Request) -> Response:
-    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
+    return Response(await _state(request).metrics.scrape(), media_type=CONTENT_TYPE)
 
 
 @_v1.get("/models", response_model=ModelList)

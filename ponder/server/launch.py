@@ -36,9 +36,14 @@ def serve(model: str | None, engine_options: dict, config: ServerConfig) -> None
     engine = engine_thread.call(lambda: LLMEngine(EngineConfig.from_options(model, **engine_options)))
     app = build_app(engine, config, engine_thread)
     async_engine = app.state.ponder.engine
+    run_server(app, config, lambda: async_engine.request_drain(config.drain_timeout))
+
+
+def run_server(app, config: ServerConfig, on_exit) -> None:
+    """Serve `app` with uvicorn until a shutdown signal; `on_exit` (thread- and signal-safe) starts
+    the engine's drain when the signal comes."""
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                access_log=config.access_log, lifespan="on",
                                # uvicorn's own backstop, past our drain (which aborts what is left)
                                timeout_graceful_shutdown=config.drain_timeout + 5)
-    server = _DrainingServer(uv_config, lambda: async_engine.request_drain(config.drain_timeout))
-    server.run()
+    _DrainingServer(uv_config, on_exit).run()

@@ -70,6 +70,10 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    async def scrape(self) -> bytes:
+        """What GET /metrics answers (async: a front end over replicas asks each of them)."""
+        return self.render()
+
 
 class _EngineStatsCollector(Collector):
     """Gauges and counters straight from the engine's latest stats snapshot."""

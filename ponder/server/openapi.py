@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from fastapi import FastAPI
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
 from ponder.server.errors import ErrorBody
@@ -43,8 +43,17 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class ReplicaHealth(BaseModel):
+    replica: int
+    status: str = Field(description="starting, serving, draining, dead or stopped")
+    error: str | None = None
+    replaces: int | None = Field(None, description="the replica this one replaced")
+    requests_in_flight: int = 0
+
+
 class Health(BaseModel):
     status: str
+    replicas: list[ReplicaHealth] | None = Field(None, description="with --replicas: each replica")
 
 
 def error_responses(*statuses: int) -> dict:

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from ponder.engine.engine import LLMEngine
-from ponder.engine.programs import ProgramFactory, run_programs
+from ponder.engine.programs import run_programs
 from ponder.engine.sequence import Action
 from ponder.sampling_params import SamplingParams
 from ponder.think.answers import extract_answer
@@ -206,11 +206,32 @@ def start_think_request(engine: LLMEngine, prompt: ThinkPrompt | list[dict], opt
     return start_think(engine, prompt, strategy, request_id=request_id, contain_errors=True, **options)
 
 
-def think_program(prompt: ThinkPrompt | list[dict], options: dict, request_id: str | None = None) -> ProgramFactory:
+@dataclass(frozen=True)
+class ThinkProgram:
+    """A think request as a program factory (ponder/engine/programs.py) made of plain values — the
+    prompt, "strategy" and its options — so it can be sent to another process (an engine replica)
+    and the program built there: calling it with an engine starts the run, on the thread that
+    steps that engine."""
+
+    prompt: ThinkPrompt | tuple[dict, ...]
+    options: dict
+    request_id: str | None = None
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        """The rendered prompt's ids (empty for chat messages not yet rendered), for routing."""
+        return self.prompt.ids if isinstance(self.prompt, ThinkPrompt) else []
+
+    def __call__(self, engine: LLMEngine) -> ThinkRun:
+        prompt = self.prompt if isinstance(self.prompt, ThinkPrompt) else list(self.prompt)
+        return start_think_request(engine, prompt, self.options, self.request_id)
+
+
+def think_program(prompt: ThinkPrompt | list[dict], options: dict, request_id: str | None = None) -> ThinkProgram:
     """A think request as a program factory for an engine's driver (the async engine calls it on
     the engine thread). Built from plain values: the prompt, "strategy" and its options."""
-    options = dict(options)
-    return lambda engine: start_think_request(engine, prompt, options, request_id)
+    return ThinkProgram(prompt if isinstance(prompt, ThinkPrompt) else tuple(dict(m) for m in prompt),
+                        dict(options), request_id)
 
 
 def run_think_request(engine: LLMEngine, messages: list[dict], options: dict) -> ThinkResult:

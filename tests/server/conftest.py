@@ -35,9 +35,10 @@ def check_error(response: httpx.Response, field=ANY) -> dict:
 class ServerThread:
     """A running server: `url`, the `app`, and `stop()` (which waits for a clean shutdown)."""
 
-    def __init__(self, engine: LLMEngine, config: ServerConfig | None = None):
+    def __init__(self, engine: LLMEngine | None, config: ServerConfig | None = None, app=None):
+        """Serve `engine`, or an `app` already built (over replicas, say)."""
         self.engine = engine
-        self.app = build_app(engine, config)
+        self.app = app if app is not None else build_app(engine, config)
         self.async_engine = self.app.state.ponder.engine
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

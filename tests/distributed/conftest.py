@@ -1,0 +1,54 @@
+"""Fixtures for the replica tests: one local Ray cluster per test module, kept on loopback (see
+../shared/RAY.md; ponder/distributed/cluster.py), and a tiny random-weight model as a Hugging Face
+folder, so that replicas in other processes load the very weights the test's own engine has.
+
+Nothing here imports ray at module level: the loopback settings must come before the first import.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ponder.config import EngineConfig
+from tests.conftest import tiny_config, tiny_model, write_hf_folder
+
+TINY_OPTIONS = dict(block_size=16, num_kv_blocks=256, max_num_seqs=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> str:
+    cfg = tiny_config()
+    return write_hf_folder(tiny_model(cfg), cfg, str(tmp_path_factory.mktemp("tiny_hf")))
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("tiny_cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_config(tiny_folder, tiny_cache):
+    """Make the EngineConfig of the tiny model: TINY_OPTIONS, overridden by keyword."""
+    def make(**options) -> EngineConfig:
+        return EngineConfig(model=tiny_folder, cache_dir=tiny_cache, **{**TINY_OPTIONS, **options})
+    return make
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster on loopback for this module (4 logical CPUs, 256 MB object store),
+    shut down and its folder wiped afterwards, whatever the tests did."""
+    from ponder.distributed.cluster import RayCluster
+
+    cluster = RayCluster(num_cpus=4)
+    cluster.start()
+    try:
+        assert cluster.node_ip_address == "127.0.0.1"
+        assert cluster.folder is not None and os.path.isdir(cluster.folder)
+        yield cluster
+    finally:
+        folder = cluster.folder
+        cluster.stop()
+        assert not os.path.exists(folder)
