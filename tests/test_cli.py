@@ -22,6 +22,8 @@ SETTINGS = {"dtype": ("--dtype", "bfloat16", "bfloat16"), "block_size": ("--bloc
             "speculative_method": ("--speculative-method", "draft", "draft"),
             "speculative_model": ("--speculative-model", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-0.5b-instruct"),
             "num_speculative_tokens": ("--num-speculative-tokens", "3", 3),
+            "speculative_adaptive": ("--no-speculative-adaptive", None, False),
+            "speculative_tree_width": ("--speculative-tree-width", "3", 3),
             "prompt_lookup_min": ("--prompt-lookup-min", "2", 2), "prompt_lookup_max": ("--prompt-lookup-max", "5", 5),
             "speculative_disable_by_batch_size": ("--speculative-disable-by-batch-size", "2", 2),
             "cache_dir": ("--cache-dir", "/tmp/x", "/tmp/x")}
