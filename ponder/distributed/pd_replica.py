@@ -9,8 +9,8 @@ the reference, in a list so that Ray passes it on unresolved. The front end (pd_
 that to a decode replica, which fetches the hand-off, has its engine take it over (`add_handoff`,
 on the engine thread: no recompute) and streams the rest, as any replica streams its requests.
 
-Fault injection, a test hook: `ReplicaSpec.handoff_delays` maps a stage to the seconds the replica
-pauses there, so a test can make a client disconnect land in the middle of a hand-off:
+Fault injection, a test hook: `ReplicaSpec.handoff_delays` (or the actor call `set_handoff_delays`)
+maps a stage to the seconds the replica pauses there, so a test can make a client disconnect land in the middle of a hand-off:
 
 - "held" (prefill): the first token is posted; the engine holds the KV, not yet exported;
 - "exported" (prefill): the KV is in the object store, the prefill blocks freed, the front end not told;
@@ -43,13 +43,18 @@ class HandoffReplica(EngineReplica):
     """What both sides share: the fault hook, hand-off counts and timings, and the KV report."""
 
     def __init__(self, spec: ReplicaSpec, replica_id: int):
-        unknown = sorted(set(spec.handoff_delays) - set(STAGES))
-        if unknown:
-            raise ValueError(f"unknown hand-off stages {unknown} in handoff_delays; they are {', '.join(STAGES)}")
         super().__init__(spec, replica_id)
-        self._delays = dict(spec.handoff_delays)
+        self._delays: dict[str, float] = {}
+        self.set_handoff_delays(spec.handoff_delays)
         self.handoffs = {"handoffs": 0, "handoffs_dropped": 0, "handoff_bytes": 0}
         self.recent: deque[dict] = deque(maxlen=256)     # each hand-off's timings, newest last
+
+    def set_handoff_delays(self, delays: dict[str, float]) -> None:
+        """The fault hook's pauses from now on: seconds by stage (STAGES); {} for none."""
+        unknown = sorted(set(delays) - set(STAGES))
+        if unknown:
+            raise ValueError(f"unknown hand-off stages {unknown}; they are {', '.join(STAGES)}")
+        self._delays = dict(delays)
 
     async def _pause(self, stage: str) -> None:
         if stage in self._delays:
