@@ -84,17 +84,26 @@ def server_config(args):
 def cmd_serve(args) -> int:
     if args.model_arg and args.model and args.model_arg != args.model:
         raise ValueError(f"two models given: {args.model_arg!r} and --model {args.model!r}")
-    if args.replicas is None and (args.ray_address or args.router or args.replica_cpus):
-        raise ValueError("--ray-address, --router and --replica-cpus go with --replicas N")
-    if args.replicas is not None and args.replicas < 1:
-        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    split = (args.prefill_replicas, args.decode_replicas)
+    if (split[0] is None) != (split[1] is None):
+        raise ValueError("--prefill-replicas and --decode-replicas go together")
+    if args.replicas is not None and split[0] is not None:
+        raise ValueError("--replicas or --prefill-replicas/--decode-replicas, not both")
+    distributed = args.replicas is not None or split[0] is not None
+    if not distributed and (args.ray_address or args.router or args.replica_cpus):
+        raise ValueError("--ray-address, --router and --replica-cpus go with --replicas N "
+                         "(or --prefill-replicas P --decode-replicas D)")
+    for flag, count in (("--replicas", args.replicas), ("--prefill-replicas", split[0]),
+                        ("--decode-replicas", split[1])):
+        if count is not None and count < 1:
+            raise ValueError(f"{flag} must be >= 1, got {count}")
     if args.replica_cpus is not None and args.replica_cpus < 1:
         raise ValueError(f"--replica-cpus must be >= 1, got {args.replica_cpus}")
     config = server_config(args)
     for sig in (signal.SIGTERM, signal.SIGINT):   # a shutdown signal is a clean exit once drained
         signal.signal(sig, lambda *_: sys.exit(0))
     model = args.model_arg or args.model
-    if args.replicas is None:
+    if not distributed:
         from ponder.server.launch import serve
 
         serve(model, engine_options(args), config)
@@ -103,8 +112,8 @@ def cmd_serve(args) -> int:
     from ponder.distributed.serve import serve_replicas
 
     try:
-        serve_replicas(model, engine_options(args), config, args.replicas, args.ray_address,
-                       args.router or "prefix-aware", args.replica_cpus or 1)
+        serve_replicas(model, engine_options(args), config, args.replicas or 0, args.ray_address,
+                       args.router or "prefix-aware", args.replica_cpus or 1, *(count or 0 for count in split))
     except ClusterError as e:
         print(f"ponder: error: {e}", file=sys.stderr)
         return 2
@@ -149,10 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     dist = srv.add_argument_group("replicas (on Ray)")
     dist.add_argument("--replicas", type=int, default=None, metavar="N",
                       help="serve N engine replicas as Ray actors behind a router (default: one engine, no Ray)")
+    dist.add_argument("--prefill-replicas", type=int, default=None, metavar="P",
+                      help="prefill/decode split: P replicas compute prompts and first tokens, then hand the KV "
+                           "to one of the --decode-replicas through Ray's object store")
+    dist.add_argument("--decode-replicas", type=int, default=None, metavar="D",
+                      help="prefill/decode split: D replicas continue requests from their hand-offs "
+                           "(least-loaded) and run think requests whole")
     dist.add_argument("--ray-address", default=None, metavar="ADDR",
                       help="join the Ray cluster at ADDR (default: start a local one on loopback)")
     dist.add_argument("--router", default=None, choices=["prefix-aware", "round-robin", "least-loaded"],
-                      help="how requests are spread over the replicas (default: prefix-aware)")
+                      help="how requests are spread over the replicas, the prefill replicas with a split "
+                           "(default: prefix-aware)")
     dist.add_argument("--replica-cpus", type=int, default=None, metavar="C",
                       help="CPUs each replica takes (its engine's threads unless --num-threads; default: 1)")
     add_engine_arguments(srv)

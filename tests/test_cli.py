@@ -67,3 +67,16 @@ def test_allowed_origins_are_comma_separated_or_repeated():
     assert origins() is None
     assert origins("--allowed-origins", "https://a.example, http://localhost:3000",
                    "--allowed-origins", "*") == ["https://a.example", "http://localhost:3000", "*"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prefill-replicas", "1"], "--prefill-replicas and --decode-replicas go together"),
+    (["--replicas", "2", "--prefill-replicas", "1", "--decode-replicas", "1"], "not both"),
+    (["--prefill-replicas", "1", "--decode-replicas", "0"], "--decode-replicas must be >= 1, got 0"),
+    (["--router", "round-robin"], "go with --replicas N (or --prefill-replicas P --decode-replicas D)"),
+])
+def test_bad_replica_flags_are_a_clear_error_before_anything_starts(argv, message, capsys):
+    from ponder.cli import main
+
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -176,6 +176,17 @@ class RayCluster:
         return ray.get_runtime_context().gcs_address
 
 
+def check_cpus(num_replicas: int, cpus_each: int, what: str = "replicas") -> None:
+    """ClusterError unless the connected cluster has `num_replicas * cpus_each` CPUs free."""
+    import ray
+
+    total, free = ray.cluster_resources().get("CPU", 0.0), ray.available_resources().get("CPU", 0.0)
+    if num_replicas * cpus_each > free:
+        raise ClusterError(f"{what} of {cpus_each} CPU(s) each need {num_replicas * cpus_each} CPUs, but the Ray "
+                           f"cluster has {free:g} free (of {total:g}): start fewer replicas, give each fewer CPUs, "
+                           f"or join a bigger cluster")
+
+
 # ray.init makes SIGTERM exit the process at once (status 15, or 1 after killing the node's
 # processes); the process's owner (`ponder serve`: drain, then stop) keeps its own handlers, and
 # stop() ends the cluster's processes.

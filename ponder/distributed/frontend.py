@@ -12,6 +12,10 @@ or that stops answering health checks (health.py) is taken out of rotation at on
 requests end with EngineDeadError naming it, the others go on, and a replacement is started (and
 joins the rotation when ready). A think request is sent as its description (a dataclass such as
 ponder.think.run.ThinkProgram) and built into a program inside the replica.
+
+In P/D mode (distributed/pd_frontend.py) two replica sets work together: the prefill set (`role`
+"prefill") passes each `HandoffReady` its replicas post to `on_handoff`, and the decode set takes
+the request over with `continue_handoff`, feeding the same stream.
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import ray
 
-from ponder.distributed.cluster import ClusterError
+from ponder.distributed.cluster import ClusterError, check_cpus
 from ponder.distributed.health import HealthPolicy, describe, watch, within
+from ponder.distributed.metrics import sum_stats
 from ponder.distributed.replica import EngineReplica, Entry, ReplicaInfo, ReplicaSpec
-from ponder.distributed.router import Router
-from ponder.distributed.wire import OutputDecoder, WireError
+from ponder.distributed.router import Router, cost_tokens
+from ponder.distributed.wire import HandoffReady, OutputDecoder, WireError
 from ponder.engine.programs import ProgramFactory
 from ponder.engine.streams import EngineDeadError, EngineUnavailable, ProgramUpdate, RequestAborted, Stream
 from ponder.sampling_params import SamplingParams
@@ -52,6 +58,10 @@ class Submission:
     replica: int = -1
     stream: Stream | None = None
     decoder: OutputDecoder = field(default_factory=OutputDecoder)
+    aborted: bool = False             # the caller aborted it (a hand-off of it is not continued)
+    part_of: "Submission | None" = None   # a hand-off continued here: the stream and decoder are its
+
+
 
 
 @dataclass
@@ -74,12 +84,17 @@ class ReplicaSet:
 
     def __init__(self, spec: ReplicaSpec, num_replicas: int, policy: str = "prefix-aware",
                  replica_class: type = EngineReplica, ready_timeout: float = 600.0,
-                 health: HealthPolicy | None = None):
+                 health: HealthPolicy | None = None, role: str | None = None,
+                 on_handoff: Callable[[Submission, HandoffReady], None] | None = None):
+        """role: "prefill" or "decode" in P/D mode (in health, metrics labels and errors);
+        on_handoff: what to do with a prefill replica's HandoffReady."""
+        self.role, self.name = role, f"{role} replica" if role else "replica"
         if num_replicas < 1:
-            raise ValueError(f"the number of replicas must be >= 1, got {num_replicas}")
+            raise ValueError(f"the number of {self.name}s must be >= 1, got {num_replicas}")
         self.spec, self.ready_timeout = spec, ready_timeout
         self.health_policy = health or HealthPolicy()
-        self._check_cpus(num_replicas)
+        self.on_handoff = on_handoff
+        check_cpus(num_replicas, spec.num_cpus, f"{num_replicas} {self.name}s")
         self._actor_class = ray.remote(replica_class)
         self._replicas: dict[int, Replica] = {}
         self._indices = itertools.count()
@@ -93,20 +108,11 @@ class ReplicaSet:
         except Exception as e:
             for r in started:
                 ray.kill(r.actor, no_restart=True)
-            raise ClusterError(f"the replicas did not start: {describe(e)}") from None
+            raise ClusterError(f"the {self.name}s did not start: {describe(e)}") from None
         self.info = infos[0]
         self.router = Router(policy, block_size=self.info.block_size)
         for replica, info in zip(started, infos):
             self._serve(replica, info)
-
-    def _check_cpus(self, num_replicas: int) -> None:
-        total = ray.cluster_resources().get("CPU", 0.0)
-        free = ray.available_resources().get("CPU", 0.0)
-        need = num_replicas * self.spec.num_cpus
-        if need > free:
-            raise ClusterError(f"{num_replicas} replicas of {self.spec.num_cpus} CPU(s) each need {need} CPUs, "
-                               f"but the Ray cluster has {free:g} free (of {total:g}): start fewer replicas, "
-                               f"give each fewer CPUs, or join a bigger cluster")
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -160,8 +166,10 @@ class ReplicaSet:
     # -- requests ---------------------------------------------------------------------------------
     async def add(self, prompts: list[list[int]], params: SamplingParams, request_id: str) -> Stream:
         """Queue one engine request per prompt on one replica (AsyncEngine.add's contract)."""
-        max_len = self.info.max_model_len
-        cost = sum(len(p) + params.n * (params.max_tokens or max_len - len(p)) for p in prompts)
+        if self.role == "prefill":      # its replicas compute the prompt and one token
+            cost = sum(len(p) + params.n for p in prompts)
+        else:
+            cost = sum(cost_tokens(len(p), params.n, params.max_tokens, self.info.max_model_len) for p in prompts)
         sub = Submission(request_id, [f"{request_id}-{i}" for i in range(len(prompts))], cost)
         await self._submit(sub, prompts[0] if prompts else [],
                            lambda actor: actor.add.remote(prompts, params, request_id))
@@ -180,12 +188,19 @@ class ReplicaSet:
         await self._submit(sub, ids, lambda actor: actor.start_program.remote(factory, request_id))
         return sub.stream
 
+    async def continue_handoff(self, parent: Submission, ready: HandoffReady) -> None:
+        """Continue the handed-off engine request `ready.request_id` of `parent` (a submission of
+        the prefill set) on one of these replicas; its outputs go on feeding `parent.stream`."""
+        part = Submission(ready.request_id, [ready.request_id], ready.cost_tokens, part_of=parent)
+        await self._submit(part, [], lambda actor: actor.add_handoff.remote(ready.refs, ready.request_id))
+
     def abort(self, request_ids: list[str], reason: str = "aborted by the client") -> None:
         """Abort requests (non-blocking); unknown or finished ids are ignored."""
         by_replica = defaultdict(list)
         for rid in request_ids:
             sub = self._submissions.get(rid)
             if sub is not None:
+                sub.aborted = True
                 by_replica[sub.replica].append(rid)
         for index, ids in by_replica.items():
             replica = self._replicas.get(index)
@@ -221,7 +236,11 @@ class ReplicaSet:
             refused.add(index)
 
     def _register(self, sub: Submission, replica: Replica) -> None:
-        sub.replica, sub.stream, sub.decoder = replica.index, Stream(sub.engine_ids, sub.program), OutputDecoder()
+        sub.replica = replica.index
+        if sub.part_of is None:
+            sub.stream, sub.decoder = Stream(sub.engine_ids, sub.program), OutputDecoder()
+        else:
+            sub.stream, sub.decoder = sub.part_of.stream, sub.part_of.decoder
         replica.submissions[sub.key] = sub
         self._submissions.update((rid, sub) for rid in sub.engine_ids)
 
@@ -252,6 +271,8 @@ class ReplicaSet:
                 sub.stream._receive(payload.exception())
             elif isinstance(payload, ProgramUpdate):
                 sub.stream._receive(payload)
+            elif isinstance(payload, HandoffReady):
+                self.on_handoff(sub, payload)
             else:
                 for delta in payload:
                     sub.stream._receive(sub.decoder.decode(delta))
@@ -263,8 +284,8 @@ class ReplicaSet:
         """Out of rotation now; its requests fail; a replacement starts (unless shutting down)."""
         if replica.state in ("dead", "stopped"):
             return
-        logger.error("replica %d is lost: %s", replica.index, reason)
-        self._stop(replica, "dead", EngineDeadError(f"replica {replica.index} failed ({reason}); "
+        logger.error("%s %d is lost: %s", self.name, replica.index, reason)
+        self._stop(replica, "dead", EngineDeadError(f"{self.name} {replica.index} failed ({reason}); "
                                                     "the request was lost"))
         replica.error = reason
         if self._accepting:
@@ -286,7 +307,8 @@ class ReplicaSet:
             try:
                 info = await within(replica.actor.ready.remote(), self.ready_timeout)
             except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
-                logger.error("replica %d (replacing %d) did not start: %s", replica.index, old.index, describe(e))
+                logger.error("%s %d (replacing %d) did not start: %s", self.name, replica.index, old.index,
+                             describe(e))
                 ray.kill(replica.actor, no_restart=True)
                 del self._replicas[replica.index]
                 await asyncio.sleep(min(2.0 ** attempt, 30.0))
@@ -298,7 +320,7 @@ class ReplicaSet:
                 return
             self._serve(replica, info)
             replica.pump = self._loop.create_task(self._pump(replica))
-            logger.info("replica %d replaced replica %d", replica.index, old.index)
+            logger.info("%s %d replaced %d", self.name, replica.index, old.index)
             return
 
     def _spawn(self, replaces: int | None = None) -> Replica:
@@ -327,7 +349,7 @@ class ReplicaSet:
 
     @property
     def error(self) -> str | None:
-        return None if self.healthy else "no replica is serving"
+        return None if self.healthy else f"no {self.name} is serving"
 
     @property
     def num_in_flight(self) -> int:
@@ -341,21 +363,24 @@ class ReplicaSet:
 
     def health(self) -> dict:
         """{"status": "ok" | "error", "replicas": [each replica's index, state, error, requests]}."""
-        replicas = [{"replica": r.index, "status": r.state, "error": r.error, "replaces": r.replaces,
+        role = {"role": self.role} if self.role else {}
+        replicas = [{"replica": r.index, **role, "status": r.state, "error": r.error, "replaces": r.replaces,
                      "requests_in_flight": len(r.submissions)} for r in sorted(self._replicas.values(),
                                                                                 key=lambda r: r.index)]
         report = {"status": "ok" if self.healthy else "error", "replicas": replicas}
         if not self.healthy:
-            report["error"] = "no replica is serving: " + "; ".join(
-                f"replica {r['replica']} is {r['status']}" for r in replicas)
+            report["error"] = f"no {self.name} is serving: " + "; ".join(
+                f"{self.name} {r['replica']} is {r['status']}" for r in replicas)
         return report
 
-    async def metrics_texts(self) -> dict[int, bytes]:
-        """Each serving replica's Prometheus text, by replica index (those that answer in time)."""
+    async def labelled_metrics(self) -> list[tuple[dict[str, str], bytes]]:
+        """Each serving replica's Prometheus text with the labels that say which it is (replica
+        index, and role in P/D mode), of those that answer in time."""
         serving = [r for r in self._replicas.values() if r.state in ("serving", "draining")]
         texts = await asyncio.gather(*(within(r.actor.metrics_text.remote(), self.health_policy.timeout)
                                        for r in serving), return_exceptions=True)
-        return {r.index: t for r, t in zip(serving, texts) if isinstance(t, bytes)}
+        role = {"role": self.role} if self.role else {}
+        return [({"replica": str(r.index), **role}, t) for r, t in zip(serving, texts) if isinstance(t, bytes)]
 
     def collect_stats(self) -> dict[int, dict]:
         """Blocking (not on the event loop): each serving replica's engine stats now."""
@@ -363,15 +388,4 @@ class ReplicaSet:
         reports = ray.get([r.actor.health.remote() for r in serving], timeout=self.health_policy.timeout)
         return {r.index: report["stats"] for r, report in zip(serving, reports)}
 
-
-def sum_stats(stats: list[dict]) -> dict:
-    """Engine stats of several engines as one: numbers add up, the rest is the first engine's."""
-    total: dict = {}
-    for s in stats:
-        for key, value in s.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key in total:
-                total[key] += value
-            else:
-                total.setdefault(key, value)
-    return total
 

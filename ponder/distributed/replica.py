@@ -2,8 +2,8 @@
 front end (distributed/frontend.py) as the methods of a Ray actor.
 
 The class is plain Python — the front end makes it an actor (`ray.remote(...).options(num_cpus=...)`)
-— so another kind of replica (prefill-only, or decoding from a KV hand-off) is a subclass that adds
-its methods, and the front end spawns whichever class it is given.
+— so another kind of replica (prefill-only, or decoding from a KV hand-off: distributed/pd_replica.py)
+is a subclass that adds its methods, and the front end spawns whichever class it is given.
 
 Requests go in by actor calls (`add`, `start_program`, `abort`), which answer once the engine has
 taken the request or refused it. Everything that comes out of the engine travels on one channel per
@@ -32,12 +32,12 @@ from ponder.model.loader import DEFAULT_MODEL
 from ponder.model.tokenizer import Tokenizer
 from ponder.sampling_params import SamplingParams
 from ponder.server.metrics import ServerMetrics
-from ponder.distributed.wire import OutputDelta, OutputEncoder, WireError
+from ponder.distributed.wire import HandoffReady, OutputDelta, OutputEncoder, WireError
 
 logger = logging.getLogger("ponder.distributed")
 
 # one entry of a batch: (submission id, what changed, whether the submission has ended)
-Payload = list[OutputDelta] | ProgramUpdate | WireError
+Payload = list[OutputDelta] | ProgramUpdate | HandoffReady | WireError
 Entry = tuple[str, Payload, bool]
 
 
@@ -48,6 +48,8 @@ class ReplicaSpec:
     engine_config: EngineConfig
     max_waiting_requests: int | None = 256     # past it the replica refuses (the front end tries another)
     num_cpus: int = 1                          # the actor's CPUs; the engine's threads unless set
+    # a test hook of the P/D replicas (pd_replica.py): seconds to pause at a hand-off stage
+    handoff_delays: dict[str, float] = field(default_factory=dict)
 
     def config(self) -> EngineConfig:
         if self.engine_config.num_threads is None:
@@ -120,20 +122,19 @@ class EngineReplica:
     # -- requests -------------------------------------------------------------------------------
     async def add(self, prompts: list[list[int]], params: SamplingParams, request_id: str) -> WireError | None:
         """Queue the requests (AsyncEngine.add); None once taken, else why not (nothing is queued)."""
-        try:
-            stream = await self.engine.add(prompts, params, request_id)
-        except Exception as e:         # refused (EngineUnavailable, ValueError, ...): the front end answers
-            return WireError.of(e)
-        self._follow(request_id, stream)
-        return None
+        return await self._take(request_id, self.engine.add(prompts, params, request_id))
 
     async def start_program(self, factory: ProgramFactory, request_id: str) -> WireError | None:
         """Start the program the description `factory` builds (ponder.think.run.ThinkProgram)."""
+        return await self._take(request_id, self.engine.start_program(factory, request_id))
+
+    async def _take(self, key: str, submitting) -> WireError | None:
+        """Await the AsyncEngine's `submitting` (an add or a start) and follow its stream under `key`."""
         try:
-            stream = await self.engine.start_program(factory, request_id)
-        except Exception as e:
+            stream = await submitting
+        except Exception as e:         # refused (EngineUnavailable, ValueError, ...): the front end answers
             return WireError.of(e)
-        self._follow(request_id, stream)
+        self._follow(key, stream)
         return None
 
     async def abort(self, request_ids: list[str], reason: str = "aborted by the client") -> None:
@@ -162,13 +163,18 @@ class EngineReplica:
                     continue
                 changed = [o for o in update.outputs if o is not None and sent.get(o.request_id) is not o]
                 sent.update((o.request_id, o) for o in changed)
-                self._outbox.post(key, [self._encoder.encode(o) for o in changed], stream.done)
+                await self._post_outputs(key, changed, stream.done)
             if stream.program:
                 self._outbox.post(key, ProgramUpdate([], stream.result), True)
         except Exception as e:                # RequestFailed, RequestAborted, EngineDeadError
             self._outbox.post(key, WireError.of(e), True)
         finally:
             self._encoder.forget(stream.request_ids)
+
+    async def _post_outputs(self, key: str, outputs: list, ended: bool) -> None:
+        """Post what these outputs (RequestOutputs of submission `key`) gained; a prefill replica
+        hands off those that wait for it."""
+        self._outbox.post(key, [self._encoder.encode(o) for o in outputs], ended)
 
     # -- observation and lifecycle ----------------------------------------------------------------
     async def health(self) -> dict:

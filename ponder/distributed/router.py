@@ -24,6 +24,11 @@ from ponder.engine.kv_cache import block_hash
 POLICIES = ("prefix-aware", "round-robin", "least-loaded")
 
 
+def cost_tokens(prompt_tokens: int, n: int, max_tokens: int | None, max_model_len: int) -> int:
+    """A request's load: its prompt plus the most tokens its n completions may generate."""
+    return prompt_tokens + n * (max_tokens or max_model_len - prompt_tokens)
+
+
 def prefix_hashes(token_ids: list[int], block_size: int, limit: int) -> list[int]:
     """Chained hashes of the first `limit` full blocks of `token_ids`."""
     hashes, parent = [], None

@@ -1,4 +1,5 @@
-"""`ponder serve --replicas N`: N engine replicas on Ray behind the same HTTP front end.
+"""`ponder serve --replicas N`: N engine replicas on Ray behind the same HTTP front end; or
+`--prefill-replicas P --decode-replicas D`: prefill/decode disaggregation (pd_frontend.py).
 
 On one machine a local Ray cluster is started with the loopback settings; `--ray-address` joins a
 cluster the user started instead. The replicas load their models before the server listens; more
@@ -22,7 +23,8 @@ from ponder.server.responses import TokenTexts
 
 
 def replica_app(replicas, config: ServerConfig | None = None) -> FastAPI:
-    """The FastAPI app over a ReplicaSet (distributed/frontend.py), started with the app's lifespan."""
+    """The FastAPI app over a ReplicaSet (distributed/frontend.py) or DisaggregatedReplicas
+    (pd_frontend.py), started with the app's lifespan."""
     from ponder.distributed.metrics import ReplicaMetrics
 
     config = config or ServerConfig()
@@ -36,14 +38,21 @@ def replica_app(replicas, config: ServerConfig | None = None) -> FastAPI:
                                    tokenizer, TokenTexts(tokenizer), int(time.time()), grammars))
 
 
-def serve_replicas(model: str | None, engine_options: dict, config: ServerConfig, num_replicas: int,
-                   ray_address: str | None = None, policy: str = "prefix-aware", replica_cpus: int = 1) -> None:
-    """Start (or join) Ray, start the replicas, serve until a shutdown signal, and clean up."""
+def serve_replicas(model: str | None, engine_options: dict, config: ServerConfig, num_replicas: int = 0,
+                   ray_address: str | None = None, policy: str = "prefix-aware", replica_cpus: int = 1,
+                   num_prefill: int = 0, num_decode: int = 0) -> None:
+    """Start (or join) Ray, start the replicas — `num_replicas` of them, or `num_prefill` prefill
+    and `num_decode` decode replicas — serve until a shutdown signal, and clean up."""
     engine_config = EngineConfig.from_options(model, **engine_options)   # bad options: an error before Ray
     with RayCluster(address=ray_address):
         from ponder.distributed.frontend import ReplicaSet      # imports ray: after the loopback settings
         from ponder.distributed.replica import ReplicaSpec
 
         spec = ReplicaSpec(engine_config, config.max_waiting_requests, replica_cpus)
-        replicas = ReplicaSet(spec, num_replicas, policy)
+        if num_prefill or num_decode:
+            from ponder.distributed.pd_frontend import DisaggregatedReplicas
+
+            replicas = DisaggregatedReplicas(spec, num_prefill, num_decode, policy)
+        else:
+            replicas = ReplicaSet(spec, num_replicas, policy)
         run_server(replica_app(replicas, config), config, lambda: replicas.request_drain(config.drain_timeout))

@@ -7,6 +7,9 @@ what they would read from a local engine. Outputs only grow, except that a stop 
 end of the text: a delta therefore says how much of what was sent still stands (`keep`) and what
 follows it.
 
+In P/D mode a prefill replica tells the front end that a request's KV waits in the object store
+with a `HandoffReady`, holding the reference in a list (so Ray passes it on without fetching it).
+
 Exceptions pickle their message only (EngineUnavailable would lose its Retry-After, RequestFailed
 the option at fault), so errors travel as `WireError` and are rebuilt on arrival.
 """
@@ -44,6 +47,16 @@ class WireError:
         if self.kind == "RequestFailed":
             return RequestFailed(self.message, self.option)
         return _ERRORS.get(self.kind, RequestFailed)(self.message)
+
+
+@dataclass
+class HandoffReady:
+    """A prefill replica's request whose prompt KV (an engine Handoff) is in Ray's object store."""
+
+    request_id: str                    # the engine request
+    refs: list                         # [ObjectRef of the Handoff]: a list, so Ray does not resolve it
+    kv_bytes: int
+    cost_tokens: int                   # router load it brings a decode replica (router.cost_tokens)
 
 
 @dataclass

@@ -12,6 +12,10 @@ progress events and, at the end, its result go to its `Stream`. The thread never
 while a program is live, even when the scheduler is idle between two of its phases. The async
 engine knows no strategy: it is handed a factory that builds the program on the engine thread.
 
+Prefill/decode disaggregation (engine/handoff.py) goes through the same path: `add(...,
+prefill_only=True)` on a prefill engine, `call(lambda engine: engine.export_handoff(id))` to take
+its KV on the engine thread, and `add_handoff` on a decode engine, streamed like any request.
+
 Admission is bounded: past `max_waiting_requests` requests that would have to wait, `add` (and
 `start_program`, which counts as one request) raises EngineUnavailable (an HTTP server answers 503 with
 Retry-After) instead of queueing without end.
@@ -24,35 +28,21 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
-from ponder.engine.commands import (Abort, Add, Delivery, LiveProgram, Settlement, Start, Stop, Tracked,
-                                    settle)
+from ponder.engine.commands import (Abort, Add, Call, Delivery, LiveProgram, Settlement, Start, StepReport, Stop,
+                                    Tracked, settle)
 from ponder.engine.engine import LLMEngine
 from ponder.engine.engine_thread import EngineThread, LoopOnEngineThread
+from ponder.engine.handoff import Handoff
 from ponder.engine.programs import ProgramFactory, advance_programs
 from ponder.engine.streams import (EngineDeadError, EngineUnavailable, ProgramUpdate, RequestAborted, RequestFailed,
                                    Stream)
-from ponder.outputs import RequestOutput
 from ponder.sampling_params import SamplingParams
 
 logger = logging.getLogger("ponder.engine")
 
 SHUTDOWN_REASON = "the server is shutting down"
-
-
-@dataclass
-class StepReport:
-    """What one engine step did, for metrics. Built on the engine thread."""
-
-    duration: float                  # seconds inside LLMEngine.step()
-    num_sampled: int                 # sequences that got a token this step (the decode batch)
-    num_tokens: int                  # prompt and generated tokens computed this step
-    stats: dict                      # engine stats after the step
-    ttfts: list[float] = field(default_factory=list)
-    inter_token_latencies: list[float] = field(default_factory=list)
-    finished: list[tuple[str, float]] = field(default_factory=list)   # (finish reason, e2e seconds)
 
 
 class AsyncEngine:
@@ -128,25 +118,48 @@ class AsyncEngine:
         self._thread = None
 
     # -- requests (event loop) ------------------------------------------------------------------
-    async def add(self, prompts: list[list[int]], params: SamplingParams, request_id: str) -> Stream:
-        """Queue one engine request per prompt (ids `{request_id}-{i}`) sharing `params`.
+    async def add(self, prompts: list[list[int]], params: SamplingParams, request_id: str,
+                  prefill_only: bool = False) -> Stream:
+        """Queue one engine request per prompt (ids `{request_id}-{i}`) sharing `params`;
+        `prefill_only`: each ends at its first token, its KV held for export (engine/handoff.py).
 
         Raises ValueError (a prompt the engine refuses; none of them is queued then),
         EngineUnavailable (overloaded or shutting down) or EngineDeadError.
         """
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
-        stream = Stream(ids)
+        return await self._queue(lambda stream, future: Add(ids, prompts, params, stream, time.monotonic(), future,
+                                                            prefill_only=prefill_only), ids)
+
+    async def add_handoff(self, handoff: Handoff, request_id: str) -> Stream:
+        """Continue a request another engine prefilled, as engine request `request_id`. Raises as
+        `add` does (HandoffError, a ValueError, when this engine cannot continue it)."""
+        return await self._queue(lambda stream, future: Add([request_id], [], handoff.params, stream,
+                                                            time.monotonic(), future, handoff=handoff), [request_id])
+
+    async def _queue(self, command: Callable[[Stream, asyncio.Future], Add | Start], ids: list[str],
+                     program: bool = False) -> Stream:
+        """Queue the command `command(stream, future)` for `ids` once admitted; their stream once taken."""
+        stream = Stream(ids, program)
         with self._lock:
-            self._admit(len(prompts))
+            self._admit(len(ids))
             future = self._loop.create_future()
-            self._num_submitted += len(prompts)
-            self._commands.put(Add(ids, prompts, params, stream, time.monotonic(), future))
+            self._num_submitted += len(ids)
+            self._commands.put(command(stream, future))
         try:
             await future
         except asyncio.CancelledError:
             self.abort(ids)
             raise
         return stream
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """`fn(engine)`'s result (or exception), run on the engine thread between two steps."""
+        with self._lock:
+            if self.error is not None or self._thread is None:
+                raise EngineDeadError(f"the engine is not running: {self.error!r}")
+            future = self._loop.create_future()
+            self._commands.put(Call(fn, future))
+        return await future
 
     async def start_program(self, factory: ProgramFactory, request_id: str) -> Stream:
         """Start the program `factory(engine)` builds (on the engine thread; for a think request,
@@ -155,18 +168,8 @@ class AsyncEngine:
         Raises ValueError (the factory refused its description or prompt; nothing runs then),
         RequestFailed (the factory failed otherwise), EngineUnavailable or EngineDeadError.
         """
-        stream = Stream([request_id], program=True)
-        with self._lock:
-            self._admit(1)
-            future = self._loop.create_future()
-            self._num_submitted += 1
-            self._commands.put(Start(request_id, factory, stream, time.monotonic(), future))
-        try:
-            await future
-        except asyncio.CancelledError:
-            self.abort([request_id])
-            raise
-        return stream
+        return await self._queue(lambda stream, future: Start(request_id, factory, stream, time.monotonic(), future),
+                                 [request_id], program=True)
 
     def abort(self, request_ids: list[str], reason: str = "aborted by the client") -> None:
         """Abort requests (non-blocking); unknown or finished ids are ignored."""
@@ -243,9 +246,11 @@ class AsyncEngine:
         keep_running = True
         for cmd in commands:
             if isinstance(cmd, Add):
-                settlements.append((cmd.future, self._add(cmd)))
+                settlements.append((cmd.future, self._add(cmd), None))
             elif isinstance(cmd, Start):
-                settlements.append((cmd.future, self._start_program(cmd)))
+                settlements.append((cmd.future, self._start_program(cmd), None))
+            elif isinstance(cmd, Call):
+                settlements.append(self._call(cmd))
             elif isinstance(cmd, Abort):
                 self._abort(cmd.request_ids, RequestAborted(cmd.reason), deliveries)
             else:
@@ -257,18 +262,28 @@ class AsyncEngine:
 
     def _add(self, cmd: Add) -> ValueError | None:
         added = []
-        self._num_added += len(cmd.prompts)
+        self._num_added += len(cmd.request_ids)
         try:
+            if cmd.handoff is not None:
+                self.engine.add_handoff(cmd.handoff, cmd.request_ids[0])
+                added.append(cmd.request_ids[0])
             for rid, prompt in zip(cmd.request_ids, cmd.prompts):
-                self.engine.add_request(prompt, cmd.params, request_id=rid)
+                self.engine.add_request(prompt, cmd.params, request_id=rid, prefill_only=cmd.prefill_only)
                 added.append(rid)
         except ValueError as e:
             for rid in added:
                 self.engine.abort_request(rid)
             return e
+        moved = 0 if cmd.handoff is None else sum(len(c.output_token_ids) for c in cmd.handoff.completions)
         for rid in added:
-            self._tracked[rid] = Tracked(cmd.stream, cmd.arrival)
+            self._tracked[rid] = Tracked(cmd.stream, cmd.arrival, cmd.arrival if moved else None, moved)
         return None
+
+    def _call(self, cmd: Call) -> Settlement:
+        try:
+            return cmd.future, None, cmd.fn(self.engine)
+        except Exception as e:          # the caller's to handle; the engine goes on
+            return cmd.future, e, None
 
     def _start_program(self, cmd: Start) -> Exception | None:
         self._num_added += 1
@@ -306,7 +321,7 @@ class AsyncEngine:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:
                 continue
-            self._time_tokens(tracked, out, now, report)
+            tracked.time_tokens(out, now, report)
             deliveries.append((tracked.stream, out))
             if out.finished:
                 del self._tracked[out.request_id]
@@ -352,17 +367,6 @@ class AsyncEngine:
         live.progress_key, live.progress_at, live.progress_tokens = key, now, progress["generated_tokens"]
         return progress
 
-    @staticmethod
-    def _time_tokens(tracked: Tracked, out: RequestOutput, now: float, report: StepReport) -> None:
-        num_tokens = sum(len(c.token_ids) for c in out.outputs)
-        if num_tokens <= tracked.num_tokens:
-            return
-        if tracked.last_token is None:
-            report.ttfts.append(now - tracked.arrival)
-        else:
-            report.inter_token_latencies.append(now - tracked.last_token)
-        tracked.last_token, tracked.num_tokens = now, num_tokens
-
     def _snapshot(self) -> dict:
         return {**self.engine.stats(), "requests_added": self._num_added,
                 "requests_in_flight": len(self._tracked) + len(self._programs)}
@@ -376,7 +380,7 @@ class AsyncEngine:
         with self._lock:
             self.error = exc
             pending = self._take_commands(block=False)
-        settlements = [(cmd.future, error) for cmd in pending if isinstance(cmd, (Add, Start))]
+        settlements = [(cmd.future, error, None) for cmd in pending if isinstance(cmd, (Add, Start, Call))]
         deliveries = [(t.stream, error) for t in self._tracked.values()]
         self._tracked.clear()
         for live in self._programs.values():

@@ -45,6 +45,7 @@ class ModelList(BaseModel):
 
 class ReplicaHealth(BaseModel):
     replica: int
+    role: str | None = Field(None, description="with a prefill/decode split: prefill or decode")
     status: str = Field(description="starting, serving, draining, dead or stopped")
     error: str | None = None
     replaces: int | None = Field(None, description="the replica this one replaced")

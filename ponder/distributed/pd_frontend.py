@@ -1,0 +1,196 @@
+"""The front end of prefill/decode disaggregation: P prefill and D decode replicas (pd_replica.py)
+behind the AsyncEngine's interface, so the HTTP server serves them as it serves one engine.
+
+Two ReplicaSets (frontend.py) do the work, each with its own router, health checks and replacement
+of replicas that die: the prefill set routes a request by the `--router` policy (prefix-aware by
+default: a shared prompt is computed on the replica that caches it); its replica streams the first
+token and posts a `HandoffReady` (the KV's object-store reference); the decode set, routing
+least-loaded, continues the request there, feeding the same stream. The KV goes from one replica
+to the other through the object store; the front end only passes the reference on.
+
+A think request goes straight to one decode replica, which prefills its prompt and runs every
+branch there (where they share KV): the engine runs no program prefill-only, so "prefilled on a
+prefill replica, then moved" is simplified to "prefilled where it runs".
+
+Aborts (a client that leaves) reach a request wherever it is: on its prefill replica (held KV is
+freed), in transit (the hand-off is dropped when it lands, and the object store frees the KV with
+its last reference), or on its decode replica. A prefill or decode replica that dies fails its
+requests with EngineDeadError naming it and its role, and is replaced; a hand-off whose prefill
+replica died before the decode replica fetched it fails with RequestFailed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import ray
+
+from ponder.distributed.cluster import check_cpus
+from ponder.distributed.frontend import SHUTDOWN_REASON, ReplicaSet, Submission
+from ponder.distributed.health import HealthPolicy
+from ponder.distributed.metrics import sum_stats
+from ponder.distributed.pd_replica import ABORTED, DecodeReplica, PrefillReplica
+from ponder.distributed.replica import ReplicaSpec
+from ponder.distributed.wire import HandoffReady
+from ponder.engine.programs import ProgramFactory
+from ponder.engine.streams import EngineDeadError, EngineUnavailable, RequestAborted, RequestFailed, Stream
+from ponder.sampling_params import SamplingParams
+
+logger = logging.getLogger("ponder.distributed")
+
+_STREAM_ERRORS = (RequestAborted, RequestFailed, EngineDeadError)     # what a stream may end with
+
+
+class DisaggregatedReplicas:
+    """P prefill and D decode replicas of one engine. Construct (blocking: the replicas load their
+    models), then `start()` on the event loop that will serve it."""
+
+    def __init__(self, spec: ReplicaSpec, num_prefill: int, num_decode: int, policy: str = "prefix-aware",
+                 ready_timeout: float = 600.0, health: HealthPolicy | None = None):
+        for what, count in (("prefill", num_prefill), ("decode", num_decode)):
+            if count < 1:
+                raise ValueError(f"the number of {what} replicas must be >= 1, got {count}")
+        check_cpus(num_prefill + num_decode, spec.num_cpus, f"{num_prefill} prefill + {num_decode} decode replicas")
+        self.prefill = ReplicaSet(spec, num_prefill, policy, PrefillReplica, ready_timeout, health, role="prefill",
+                                  on_handoff=self._hand_off)
+        try:
+            self.decode = ReplicaSet(spec, num_decode, "least-loaded", DecodeReplica, ready_timeout, health,
+                                     role="decode")
+        except BaseException:
+            for replica in self.prefill.replicas.values():
+                ray.kill(replica.actor, no_restart=True)
+            raise
+        self.info = self.prefill.info
+        self._in_transit: dict[str, Submission] = {}    # engine request id -> its prefill submission
+        self._tasks: set[asyncio.Task] = set()
+        self._accepting = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start both replica sets; call on the event loop."""
+        self._loop = asyncio.get_running_loop()
+        self.prefill.start()
+        self.decode.start()
+        self._accepting = True
+
+    async def drain(self, timeout: float) -> None:
+        """Take no new request; the prefill replicas finish and hand off what they have, then the
+        decode replicas finish theirs, all within `timeout` seconds (then the rest is aborted)."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        await self.prefill.drain(timeout)
+        while self._in_transit and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await self.decode.drain(max(0.0, deadline - time.monotonic()))
+
+    def request_drain(self, timeout: float) -> None:
+        """Thread- and signal-safe: schedule `drain(timeout)` on the serving event loop."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(lambda: self._background(self.drain(timeout)))
+
+    async def shutdown(self) -> None:
+        """Abort whatever is in flight and end every replica of both sets."""
+        self._accepting = False
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(self.prefill.shutdown(), self.decode.shutdown())
+
+    # -- requests ---------------------------------------------------------------------------------
+    async def add(self, prompts: list[list[int]], params: SamplingParams, request_id: str) -> Stream:
+        """Queue the requests on a prefill replica; each goes on on a decode replica after its
+        first token (AsyncEngine.add's contract)."""
+        self._check_accepting()
+        return await self.prefill.add(prompts, params, request_id)
+
+    async def start_program(self, factory: ProgramFactory, request_id: str) -> Stream:
+        """Run a program (a think request) whole on one decode replica."""
+        self._check_accepting()
+        return await self.decode.start_program(factory, request_id)
+
+    def abort(self, request_ids: list[str], reason: str = "aborted by the client") -> None:
+        """Abort requests wherever they are (non-blocking); unknown or finished ids are ignored."""
+        for rid in request_ids:
+            parent = self._in_transit.get(rid)
+            if parent is not None:
+                parent.aborted = True
+        self.prefill.abort(request_ids, reason)
+        self.decode.abort(request_ids, reason)
+
+    def _check_accepting(self) -> None:
+        if not self._accepting:
+            raise EngineUnavailable(SHUTDOWN_REASON if self._loop is not None else "the replicas are not started")
+
+    # -- hand-offs --------------------------------------------------------------------------------
+    def _hand_off(self, parent: Submission, ready: HandoffReady) -> None:
+        """A prefill replica's request waits in the object store: continue it on a decode replica
+        (unless it was aborted: dropping the reference frees the KV)."""
+        if parent.aborted:
+            parent.stream._receive(RequestAborted(ABORTED))
+            return
+        self._in_transit[ready.request_id] = parent
+        self._background(self._continue(parent, ready))
+
+    async def _continue(self, parent: Submission, ready: HandoffReady) -> None:
+        rid = ready.request_id
+        try:
+            if parent.aborted:
+                raise RequestAborted(ABORTED)
+            await self.decode.continue_handoff(parent, ready)
+            if parent.aborted:              # an abort that came while the decode replica took it
+                self.decode.abort([rid])
+        except _STREAM_ERRORS as e:
+            parent.stream._receive(e)
+        except Exception as e:              # EngineUnavailable, a HandoffError: the request cannot go on
+            logger.error("request %s could not move to a decode replica: %s", rid, e)
+            parent.stream._receive(RequestFailed(f"no decode replica could continue the request: {e}"))
+        finally:
+            del self._in_transit[rid]
+
+    def _background(self, work) -> None:
+        task = self._loop.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- observation --------------------------------------------------------------------------------
+    @property
+    def sets(self) -> tuple[ReplicaSet, ReplicaSet]:
+        return self.prefill, self.decode
+
+    @property
+    def healthy(self) -> bool:
+        return self.prefill.healthy and self.decode.healthy
+
+    @property
+    def error(self) -> str | None:
+        return self.prefill.error or self.decode.error
+
+    @property
+    def num_in_flight(self) -> int:
+        """Engine requests on some replica or in transit (one on both sides counts twice)."""
+        return self.prefill.num_in_flight + self.decode.num_in_flight + len(self._in_transit)
+
+    @property
+    def stats(self) -> dict:
+        return sum_stats([self.prefill.stats, self.decode.stats])
+
+    def health(self) -> dict:
+        """{"status": "ok" | "error", "replicas": each replica with its role, index and state}."""
+        reports = [s.health() for s in self.sets]
+        report = {"status": "ok" if self.healthy else "error", "replicas": [r for h in reports for r in h["replicas"]]}
+        if not self.healthy:
+            report["error"] = "; ".join(h["error"] for h in reports if "error" in h)
+        return report
+
+    async def labelled_metrics(self) -> list[tuple[dict[str, str], bytes]]:
+        """Every serving replica's Prometheus text, labelled with its index and role."""
+        both = await asyncio.gather(*(s.labelled_metrics() for s in self.sets))
+        return [text for texts in both for text in texts]
+
+    def kv_reports(self) -> dict[tuple[str, int], dict]:
+        """Blocking (not on the event loop): each serving replica's `kv_report()`, by (role, index)."""
+        serving = [(s.role, r) for s in self.sets for r in s.replicas.values() if r.state == "serving"]
+        reports = ray.get([r.actor.kv_report.remote() for _, r in serving], timeout=30)
+        return {(role, r.index): report for (role, r), report in zip(serving, reports)}

@@ -1,0 +1,209 @@
+"""Prefill/decode disaggregation on a local Ray cluster (distributed/pd_frontend.py): one prefill
+and one decode replica behind the HTTP front end give one engine's outputs (greedy, seeded, n > 1,
+logprobs), their KV moving through the object store; a client that disconnects in the middle of a
+hand-off (the fault hook pauses it there) leaves every block free on both replicas; a think request
+runs whole on the decode replica; health and metrics name each replica's role; a decode replica
+killed mid-stream fails its requests at once and is replaced."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from ponder import LLM, SamplingParams
+from ponder.config import EngineConfig
+from ponder.layers import quant_linear
+from tests.conftest import tiny_config, tiny_model, write_hf_folder
+from tests.distributed.test_failures import Streamer, _wait
+from tests.distributed.test_replicas import _without_ids
+from tests.server.conftest import ServerThread
+
+# the quantized path: a row's logprobs do not depend on the batch it is in, so they match exactly
+pytestmark = pytest.mark.skipif(not quant_linear.available(), reason="needs a C compiler")
+
+NUM_REQUESTS = 16
+MAX_TOKENS = 12
+
+
+def _prompt(i: int) -> str:
+    return f"request {i}: a few words about the number {i * 7}"
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory, tiny_cache) -> EngineConfig:
+    """The tiny random-weight model, quantized, with a context long enough for a stream still
+    running when its replica is killed."""
+    cfg = tiny_config(max_position_embeddings=4096)
+    folder = write_hf_folder(tiny_model(cfg), cfg, str(tmp_path_factory.mktemp("pd")))
+    return EngineConfig(model=folder, cache_dir=tiny_cache, block_size=16, num_kv_blocks=1024, max_num_seqs=32,
+                        weights="q8_0")
+
+
+@pytest.fixture(scope="module")
+def pd(ray_cluster, config):
+    from ponder.distributed.health import HealthPolicy
+    from ponder.distributed.pd_frontend import DisaggregatedReplicas
+    from ponder.distributed.replica import ReplicaSpec
+
+    front = DisaggregatedReplicas(ReplicaSpec(config), 1, 1, health=HealthPolicy(interval=0.5))
+    yield front
+    assert not front._tasks or all(t.done() for t in front._tasks)
+
+
+@pytest.fixture(scope="module")
+def server(pd):
+    from ponder.distributed.serve import replica_app
+
+    server = ServerThread(None, app=replica_app(pd))
+    yield server
+    server.stop()
+    assert all(r.state == "stopped" for s in pd.sets for r in s.replicas.values())
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def _reports(pd) -> dict:
+    return {role: report for (role, _), report in pd.kv_reports().items()}
+
+
+def _all_free(pd) -> None:
+    for role, report in _reports(pd).items():
+        assert report["free_blocks"] == report["num_blocks"], (role, report)
+        assert report["held"] == 0 and report["requests"] == 0, (role, report)
+
+
+def _actor(pd, role: str):
+    ((_, replica),) = [(i, r) for i, r in getattr(pd, role).replicas.items() if r.state == "serving"]
+    return replica.actor
+
+
+def test_16_streams_give_one_engines_greedy_outputs(server, client, pd, config):
+    one = LLM(config.model, **{k: getattr(config, k) for k in ("block_size", "num_kv_blocks", "cache_dir", "weights")})
+    reference = one.generate([_prompt(i) for i in range(NUM_REQUESTS)], SamplingParams(temperature=0,
+                                                                                      max_tokens=MAX_TOKENS))
+    expected = [(o.outputs[0].text, o.outputs[0].finish_reason) for o in reference]
+    going_on = sum(len(o.outputs[0].token_ids) > 1 for o in reference)     # the others end at their first token
+    before = _reports(pd)
+
+    def stream(i: int) -> tuple[str, str | None]:
+        text, finish = [], None
+        for chunk in client.completions.create(model=pd.info.model_name, prompt=_prompt(i), max_tokens=MAX_TOKENS,
+                                               temperature=0, stream=True):
+            for choice in chunk.choices:
+                text.append(choice.text)
+                finish = choice.finish_reason or finish
+        return "".join(text), finish
+
+    with ThreadPoolExecutor(NUM_REQUESTS) as pool:
+        got = list(pool.map(stream, range(NUM_REQUESTS)))
+    assert got == expected
+    after = _reports(pd)
+    moved = after["decode"]["handoffs"] - before["decode"]["handoffs"]
+    assert moved == after["prefill"]["handoffs"] - before["prefill"]["handoffs"] == going_on >= NUM_REQUESTS // 2
+    assert after["decode"]["handoff_bytes"] > before["decode"]["handoff_bytes"]
+    stats = {s.role: s.collect_stats() for s in pd.sets}
+    assert all(s["prompt_tokens"] == 0 for s in stats["decode"].values())          # no recompute
+    _all_free(pd)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_seeded_n_logprobs_and_usage_are_one_engines(server, pd, config, stream):
+    """n > 1, seeded sampling, logprobs, prompt logprobs and echo come out as one engine's."""
+    from ponder.engine.engine import LLMEngine
+
+    body = {"model": pd.info.model_name, "prompt": ["first prompt", "second"], "max_tokens": 6, "n": 2,
+            "temperature": 0.9, "seed": 7, "logprobs": 2, "echo": True, "prompt_logprobs": 1, "stream": stream,
+            "stream_options": {"include_usage": True} if stream else None}
+    alone = ServerThread(LLMEngine(config))
+    try:
+        answers = [_without_ids(httpx.post(url + "/v1/completions", json=body, timeout=60))
+                   for url in (alone.url, server.url)]
+    finally:
+        alone.stop()
+    assert answers[0] == answers[1]
+    _all_free(pd)
+
+
+@pytest.mark.parametrize("role, stage", [("prefill", "held"), ("prefill", "exported"), ("decode", "arrived")])
+def test_a_client_gone_mid_handoff_leaves_every_block_free(server, pd, role, stage):
+    """The fault hook pauses the hand-off at `stage`; the client reads its first token and leaves
+    meanwhile. The hand-off is dropped where it is, and both replicas end with every block free."""
+    import ray
+
+    actor = _actor(pd, role)
+    ray.get(actor.set_handoff_delays.remote({stage: 1.5}), timeout=10)
+    before = _reports(pd)
+    body = {"model": pd.info.model_name, "prompt": f"going away at {stage}", "max_tokens": 200, "ignore_eos": True,
+            "stream": True, "temperature": 0, "logprobs": 1}      # (logprobs: a first chunk even if its text is empty)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                lines = response.iter_lines()            # (held: dropping it would close the stream)
+                first = next(line for line in lines if line.startswith("data: {"))
+                assert '"token_logprobs":[' in first       # the first token, from the prefill replica
+                time.sleep(0.5)                             # the hand-off reaches the stage; leave in its pause
+        _wait(lambda: pd.num_in_flight == 0, 10, "the request to be aborted")
+    finally:
+        ray.get(actor.set_handoff_delays.remote({}), timeout=10)
+    after = _reports(pd)
+    dropped = {side: after[side]["handoffs_dropped"] - before[side]["handoffs_dropped"] for side in after}
+    # "exported": the front end drops the reference it gets; the object store frees the KV
+    assert dropped == {"prefill": int(stage == "held"), "decode": int(stage == "arrived")}, dropped
+    assert after["prefill"]["handoffs"] - before["prefill"]["handoffs"] == int(stage != "held")
+    assert after["decode"]["handoffs"] == before["decode"]["handoffs"]      # it never reached the decode engine
+    _all_free(pd)
+
+
+def test_a_think_request_runs_whole_on_a_decode_replica(client, pd):
+    before = {s.role: s.collect_stats() for s in pd.sets}
+    reply = client.chat.completions.create(
+        model=pd.info.model_name, messages=[{"role": "user", "content": "What is 2 + 2?"}],
+        max_tokens=8, extra_body={"ponder": {"strategy": "self-consistency", "n": 3, "temperature": 0.8}})
+    assert reply.choices[0].finish_reason == "stop"
+    assert len(reply.model_extra["ponder"]["candidates"]) == 3
+    after = {s.role: s.collect_stats() for s in pd.sets}
+    added = {role: sum(after[role][i]["requests_added"] - before[role][i]["requests_added"] for i in after[role])
+             for role in after}
+    assert added == {"prefill": 0, "decode": 1}, added
+    _all_free(pd)
+
+
+def test_health_and_metrics_name_each_replicas_role(server, pd):
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok"
+    assert sorted((r["role"], r["status"]) for r in health["replicas"]) == [("decode", "serving"),
+                                                                           ("prefill", "serving")]
+    text = httpx.get(server.url + "/metrics").text
+    for s in pd.sets:
+        for index in s.replicas:
+            assert (f'ponder:prompt_tokens_total{{model_name="{pd.info.model_name}",replica="{index}",'
+                    f'role="{s.role}"}}') in text, text
+
+
+def test_a_killed_decode_replica_fails_its_requests_at_once_and_is_replaced(server, client, pd):
+    import ray
+
+    streams = [Streamer(client, pd.info.model_name, i) for i in range(2)]
+    for s in streams:
+        s.start()
+    _wait(lambda: all(s.chunks >= 3 for s in streams), 30, lambda: [(s.chunks, s.error) for s in streams])
+    (victim,) = pd.decode.replicas
+    killed_at = time.monotonic()
+    ray.kill(pd.decode.replicas[victim].actor)
+    for s in streams:
+        s.join(5)
+        assert s.ended_at is not None and s.ended_at - killed_at < 2.0
+        assert s.error and f"decode replica {victim} failed" in s.error, s.error
+    _wait(lambda: any(r.replaces == victim and r.state == "serving" for r in pd.decode.replicas.values()), 30,
+          "a replacement decode replica")
+    reply = client.completions.create(model=pd.info.model_name, prompt="after the kill", max_tokens=4,
+                                      temperature=0)
+    assert reply.choices[0].finish_reason in ("length", "stop")
+    _all_free(pd)
