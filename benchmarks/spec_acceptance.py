@@ -37,6 +37,7 @@ def teacher_forced_logits(llm: LLM, token_ids: list[int], first: int) -> torch.T
     return runner.execute([(token_ids, 0, blocks)], [], [(0, first - 1, len(token_ids) - 1)])
 
 
+@torch.inference_mode()
 def compare(target: LLM, draft: LLM, prompt_ids: list[int], output_ids: list[int], params: SamplingParams,
             seed: int) -> tuple[list[bool], list[float]]:
     text = prompt_ids + output_ids
@@ -47,7 +48,9 @@ def compare(target: LLM, draft: LLM, prompt_ids: list[int], output_ids: list[int
     p_logits = teacher_forced_logits(target, text, len(prompt_ids))
     q_logits = teacher_forced_logits(draft, text, len(prompt_ids))
     batch = SamplingBatch.build(rows, vocab, eos)
-    ours = [a == b for a, b in zip(sample(p_logits.clone(), batch).token_ids, sample(q_logits.clone(), batch).token_ids)]
+    target_draws = sample(p_logits.clone(), batch).token_ids
+    assert target_draws == output_ids, "teacher-forced draws differ from the generated tokens"
+    ours = [a == b for a, b in zip(target_draws, sample(q_logits.clone(), batch).token_ids)]
     p = sampling_probs(processed_logits(p_logits.float(), SamplingBatch.build(rows, vocab, eos)), batch)
     q = sampling_probs(processed_logits(q_logits.float(), SamplingBatch.build(rows, vocab, eos)), batch)
     return ours, torch.minimum(p, q).sum(dim=-1).tolist()

@@ -90,8 +90,8 @@ def cmd_serve(args) -> int:
     if args.replicas is not None and split[0] is not None:
         raise ValueError("--replicas or --prefill-replicas/--decode-replicas, not both")
     distributed = args.replicas is not None or split[0] is not None
-    if not distributed and (args.ray_address or args.router or args.replica_cpus):
-        raise ValueError("--ray-address, --router and --replica-cpus go with --replicas N "
+    if not distributed and (args.ray_address or args.router or args.replica_cpus or args.object_store_mb):
+        raise ValueError("--ray-address, --router, --replica-cpus and --object-store-mb go with --replicas N "
                          "(or --prefill-replicas P --decode-replicas D)")
     for flag, count in (("--replicas", args.replicas), ("--prefill-replicas", split[0]),
                         ("--decode-replicas", split[1])):
@@ -99,6 +99,8 @@ def cmd_serve(args) -> int:
             raise ValueError(f"{flag} must be >= 1, got {count}")
     if args.replica_cpus is not None and args.replica_cpus < 1:
         raise ValueError(f"--replica-cpus must be >= 1, got {args.replica_cpus}")
+    if args.object_store_mb is not None and args.object_store_mb < 64:
+        raise ValueError(f"--object-store-mb must be >= 64, got {args.object_store_mb}")
     config = server_config(args)
     for sig in (signal.SIGTERM, signal.SIGINT):   # a shutdown signal is a clean exit once drained
         signal.signal(sig, lambda *_: sys.exit(0))
@@ -113,7 +115,8 @@ def cmd_serve(args) -> int:
 
     try:
         serve_replicas(model, engine_options(args), config, args.replicas or 0, args.ray_address,
-                       args.router or "prefix-aware", args.replica_cpus or 1, *(count or 0 for count in split))
+                       args.router or "prefix-aware", args.replica_cpus or 1, *(count or 0 for count in split),
+                       object_store_mb=args.object_store_mb)
     except ClusterError as e:
         print(f"ponder: error: {e}", file=sys.stderr)
         return 2
@@ -169,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--router", default=None, choices=["prefix-aware", "round-robin", "least-loaded"],
                       help="how requests are spread over the replicas, the prefill replicas with a split "
                            "(default: prefix-aware)")
+    dist.add_argument("--object-store-mb", type=int, default=None, metavar="MB",
+                      help="the local Ray cluster's object store, which KV hand-offs pass through (default: 256; "
+                           "a cluster joined with --ray-address keeps its own)")
     dist.add_argument("--replica-cpus", type=int, default=None, metavar="C",
                       help="CPUs each replica takes (its engine's threads unless --num-threads; default: 1)")
     add_engine_arguments(srv)

@@ -206,5 +206,13 @@ def _restore_signal_handlers(saved: dict) -> None:
     import signal
 
     for name, handler in saved.items():
+        if name == "SIGTERM" and handler is signal.SIG_DFL:
+            # the default would kill the driver while replicas start, leaving Ray's processes and
+            # folder behind; an exception unwinds through RayCluster's exit, which removes them
+            handler = _exit_on_sigterm
         if handler is not None:
             signal.signal(getattr(signal, name), handler)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)

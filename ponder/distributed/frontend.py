@@ -37,13 +37,13 @@ from ponder.distributed.metrics import sum_stats
 from ponder.distributed.replica import EngineReplica, Entry, ReplicaInfo, ReplicaSpec
 from ponder.distributed.router import Router, cost_tokens
 from ponder.distributed.wire import HandoffReady, OutputDecoder, WireError
+from ponder.engine.async_engine import SHUTDOWN_REASON
 from ponder.engine.programs import ProgramFactory
 from ponder.engine.streams import EngineDeadError, EngineUnavailable, ProgramUpdate, RequestAborted, Stream
 from ponder.sampling_params import SamplingParams
 
 logger = logging.getLogger("ponder.distributed")
 
-SHUTDOWN_REASON = "the server is shutting down"
 _THINK_MAX_TOKENS = 512          # a program's cost when its description sets no max_tokens
 
 
@@ -256,10 +256,16 @@ class ReplicaSet:
         """Feed a replica's update channel into its requests' streams until it breaks."""
         try:
             async for ref in replica.actor.updates.remote():
-                self._deliver(replica, await ref)
+                entries = await ref
+                del ref              # nothing here pins the update (and a hand-off's KV in it) past delivery
+                self._deliver(replica, entries)
+                del entries
             reason = "its update channel ended"
         except ray.exceptions.RayError as e:
             reason = describe(e)
+        except Exception as e:       # a fault in delivery: fail the replica's requests rather than hang them
+            logger.exception("delivering replica %s's updates failed", replica.index)
+            reason = f"its updates could not be delivered ({e!r})"
         self._lost(replica, reason)
 
     def _deliver(self, replica: Replica, entries: list[Entry]) -> None:
