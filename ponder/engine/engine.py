@@ -111,6 +111,11 @@ class LLMEngine:
         """Continue a request another engine prefilled (`export_handoff`) from its first token."""
         return handoff.admit(self, hand, request_id)
 
+    def warm_prefix(self, prompt: handoff.PromptKV) -> int:
+        """Cache a prompt's KV computed elsewhere (handoff.PrefillPrompt) in the prefix index, with
+        no request; returns the prompt tokens a request for it will take from the cache."""
+        return handoff.warm(self, prompt)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 

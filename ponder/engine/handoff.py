@@ -21,6 +21,14 @@ what one engine gives: the KV bits, the sequences' seeds, detokenizer state and 
 prefill engine's, and the kernels compute a row the same whatever else is in the batch. A request
 with n > 1 forks at its first sample on the prefill engine, as on one engine; the hand-off carries
 every completion and the one copy of the prompt KV they share, and the decode engine forks again.
+
+A program's prompt (a think request, whose branches all run on one decode engine) moves another
+way, since a program runs on one engine: `PrefillPrompt` describes a program that computes the
+prompt on a prefill engine as a think root does — all but its last token, sampling nothing — and
+ends with its KV as a `PromptKV`. `warm` on the decode engine writes the full blocks of that KV,
+registers them in its prefix index and frees them (cached, as a finished request leaves them),
+creating no request; `Warmed` does that and builds the program in one go on the engine thread, so
+nothing evicts the blocks in between, and the program's prompt takes them from the prefix cache.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from ponder.engine.programs import Program, ProgramFactory
 from ponder.engine.prompts import check_prompt
 from ponder.engine.sequence import Request, Sequence, SequenceStatus
 from ponder.outputs import Logprob
@@ -119,6 +128,21 @@ class Handoff:
         return self.kv.nbytes
 
 
+@dataclass
+class PromptKV:
+    """A program's prompt KV in transit, with no request: that of the first `kv.shape[2]` tokens of
+    `prompt_token_ids` (`PrefillPrompt` computes all but the last)."""
+
+    model: ModelIdentity
+    kv_cache_dtype: str
+    prompt_token_ids: list[int]
+    kv: np.ndarray                  # [layers, 2, tokens computed, kv_heads, head_dim]
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes
+
+
 # -- the prefill engine -------------------------------------------------------------------------
 def hold(engine, seq: Sequence) -> None:
     """A prefill-only sequence has its first token: it finishes with "handoff", keeping its blocks."""
@@ -167,6 +191,67 @@ def _copy(items: list | None) -> list | None:
     return list(items) if items is not None else None
 
 
+@dataclass
+class PromptPrefilled:
+    """What a `PrefillPrompt` program ends with: the prompt's KV, or why not ("aborted" if it was)."""
+
+    kv: PromptKV | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class PrefillPrompt:
+    """A program's description (a factory, engine/programs.py), so another process can start it:
+    compute the prompt `prompt_token_ids` as a think root does — all but its last token, sampling
+    nothing — and end with their KV (`PromptPrefilled`), freeing the blocks (they stay cached)."""
+
+    prompt_token_ids: list[int]
+    request_id: str
+
+    @property
+    def options(self) -> dict:
+        """What a router charges it (distributed/frontend.py reads a program's options): one token."""
+        return {"max_tokens": 1}
+
+    def __call__(self, engine) -> "_PromptPrefill":
+        return _PromptPrefill(engine, list(self.prompt_token_ids), self.request_id)
+
+
+class _PromptPrefill:
+    """The program a PrefillPrompt describes: one driven request, closed once its KV is read."""
+
+    def __init__(self, engine, prompt_token_ids: list[int], request_id: str):
+        self.engine, self.request_id, self.result = engine, request_id, None
+        self.request = engine.add_request(None, SamplingParams(max_tokens=1), request_id,
+                                          prompt_token_ids=prompt_token_ids, driven=True)
+        self.root = self.request.seqs[0]
+
+    def advance(self) -> bool:
+        if self.result is None:
+            lost = self.request.error or (None if self.request_id in self.engine.requests else "aborted")
+            if lost:
+                self._end(None, lost)
+            elif self.root.status is SequenceStatus.PARKED:      # all but the last token computed
+                kv = self.engine.runner.read_kv(self.root.block_table, 0, self.root.num_computed_tokens)
+                self._end(PromptKV(ModelIdentity.of(self.engine), self.engine.kv_cache_dtype,
+                                   list(self.request.prompt_token_ids), kv))
+        return self.result is not None
+
+    def abort(self) -> None:
+        if self.result is None:
+            self._end(None, "aborted")
+
+    def _end(self, kv: PromptKV | None, error: str | None = None) -> None:
+        self.engine.close_request(self.request)
+        self.result = PromptPrefilled(kv, error)
+
+    def drain_events(self) -> list[dict]:
+        return []
+
+    def progress(self) -> dict:
+        return {"event": "progress", "branches_alive": 1, "branches_finished": 0, "generated_tokens": 0}
+
+
 # -- the decode engine --------------------------------------------------------------------------
 def admit(engine, handoff: Handoff, request_id: str | None = None) -> Request:
     """Continue `handoff` on this engine as request `request_id` (default: the prefill side's id).
@@ -187,6 +272,17 @@ def admit(engine, handoff: Handoff, request_id: str | None = None) -> Request:
 
 def check_compatible(engine, handoff: Handoff) -> None:
     """Raise HandoffError unless this engine can continue `handoff` exactly."""
+    _check_kv(engine, handoff, len(handoff.prompt_token_ids))
+    if all(c.finish_reason is not None for c in handoff.completions):
+        raise HandoffError("every completion of the hand-off has finished: there is nothing to continue")
+    longest = len(handoff.prompt_token_ids) + max(len(c.output_token_ids) for c in handoff.completions)
+    if longest >= engine.max_model_len:
+        raise HandoffError(f"the hand-off is {longest} tokens, but this engine's context is "
+                           f"{engine.max_model_len}")
+
+
+def _check_kv(engine, handoff: "Handoff | PromptKV", num_tokens: int) -> None:
+    """Raise HandoffError unless this engine's cache can take `handoff`'s KV of `num_tokens` tokens."""
     mine = ModelIdentity.of(engine)
     if handoff.model != mine:
         differ = [f.name for f in fields(ModelIdentity) if getattr(handoff.model, f.name) != getattr(mine, f.name)]
@@ -200,16 +296,10 @@ def check_compatible(engine, handoff: Handoff) -> None:
     except ValueError as e:
         raise HandoffError(f"this engine cannot continue the hand-off: {e}") from None
     cfg = engine.model_config
-    expected = (cfg.num_layers, 2, len(handoff.prompt_token_ids), cfg.num_kv_heads, cfg.head_dim)
+    expected = (cfg.num_layers, 2, num_tokens, cfg.num_kv_heads, cfg.head_dim)
     if handoff.kv.shape != expected:
         raise HandoffError(f"the hand-off's KV is shaped {handoff.kv.shape}, not {expected} (layers, k/v, "
                            f"prompt tokens, kv heads, head dim)")
-    if all(c.finish_reason is not None for c in handoff.completions):
-        raise HandoffError("every completion of the hand-off has finished: there is nothing to continue")
-    longest = len(handoff.prompt_token_ids) + max(len(c.output_token_ids) for c in handoff.completions)
-    if longest >= engine.max_model_len:
-        raise HandoffError(f"the hand-off is {longest} tokens, but this engine's context is "
-                           f"{engine.max_model_len}")
 
 
 def _sequence(engine, request: Request, c: CompletionState) -> Sequence:
@@ -245,3 +335,43 @@ def _place(engine, live: list[Sequence], kv: np.ndarray) -> None:
         engine.kv.fork(first, seq)
     for seq in live:
         engine.scheduler.resume(seq)
+
+
+def warm(engine, prompt: PromptKV) -> int:
+    """Write the full blocks of `prompt`'s KV (those its prefix cache does not hold yet), register
+    them in the prefix index and free them: they stay cached, as a finished request leaves its
+    blocks, and no request is created. Returns the prompt tokens the prefix cache then holds, those
+    a request for this prompt takes from it (fewer when the pool has no room now). Raises
+    HandoffError as `admit` does (another model, KV dtype or too long a prompt)."""
+    _check_kv(engine, prompt, prompt.kv.shape[2])
+    ids = list(prompt.prompt_token_ids)
+    if prompt.kv.shape[2] > len(ids):
+        raise HandoffError(f"the prompt's KV has {prompt.kv.shape[2]} tokens, more than its {len(ids)}")
+    if not engine.pool.enable_prefix_caching:
+        return 0                    # nothing would keep the blocks
+    bs = engine.pool.block_size
+    full = min(prompt.kv.shape[2], len(ids) - 1) // bs * bs      # what match_prefix can take
+    seq = Sequence(Request("warm", None, ids, SamplingParams()), ids, len(ids), index=0, seed=0)
+    try:
+        held = engine.kv.match_prefix(seq)
+        if held < full and engine.kv.allocate_slots(seq, full - held):
+            engine.runner.write_kv(seq.block_table, held, prompt.kv[:, :, held:full])
+            seq.num_computed_tokens = held = full
+            engine.kv.commit_computed(seq)
+        return held
+    finally:
+        engine.kv.free(seq)
+
+
+@dataclass(frozen=True)
+class Warmed:
+    """A program factory: `warm` the engine with `prompt`, then build `factory`'s program, in one
+    call on the engine thread (no step can evict the blocks in between); the program's prompt then
+    takes them from the prefix cache."""
+
+    prompt: PromptKV
+    factory: ProgramFactory
+
+    def __call__(self, engine) -> Program:
+        engine.warm_prefix(self.prompt)
+        return self.factory(engine)

@@ -16,7 +16,8 @@ import pytest
 from ponder import SamplingParams, StructuredOutputs
 from ponder.config import EngineConfig
 from ponder.engine.engine import LLMEngine
-from ponder.engine.handoff import HANDOFF, HandoffError
+from ponder.engine.handoff import HANDOFF, HandoffError, PrefillPrompt, Warmed
+from ponder.engine.programs import run_programs
 from ponder.layers import quant_linear
 
 needs_kernels = pytest.mark.skipif(not quant_linear.available(), reason="needs a C compiler")
@@ -209,6 +210,79 @@ def test_blocks_come_back_on_abort_anywhere(make_tiny_engine):
     assert not prefill.abort_request("held") and not decode.abort_request("exported")
     assert dropped.nbytes > 0
     check_all_free(prefill, decode)
+
+
+def _prefilled(engine: LLMEngine, prompt: list[int], request_id: str = "p"):
+    """A PrefillPrompt program run to its end on `engine`; its PromptKV, moved through pickle."""
+    program = PrefillPrompt(prompt, request_id)(engine)
+    run_programs(engine, [program])
+    assert program.result.error is None
+    return pickle.loads(pickle.dumps(program.result.kv, protocol=5))
+
+
+def test_a_warmed_prompt_is_computed_only_past_its_last_full_block(make_tiny_engine):
+    """A prompt prefilled by a PrefillPrompt program (all but its last token, no request left) and
+    warmed into another engine (block size 8): no request there, every block free, the full
+    blocks cached; a request for that prompt computes only the tokens past them and gives a cold
+    engine's output."""
+    prompt, params = list(range(20, 63)), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prefill, decode, cold = make_tiny_engine(), make_tiny_engine(block_size=8), make_tiny_engine(block_size=8)
+    kv = _prefilled(prefill, prompt)
+    assert kv.kv.shape[2] == 42 and kv.prompt_token_ids == prompt
+    assert prefill.stats()["prompt_tokens"] == 42 and prefill.stats()["generation_tokens"] == 0
+    check_all_free(prefill)
+    assert decode.warm_prefix(kv) == 40                   # 5 full blocks of 8 (the 43rd token is never taken)
+    assert decode.pool.num_cached == 5 and decode.stats()["prompt_tokens"] == 0
+    check_all_free(decode)
+    assert decode.warm_prefix(kv) == 40 and decode.pool.num_cached == 5      # again: nothing new
+    warm_out, cold_out = (on_one_engine(engine, [(prompt, params)])["0"] for engine in (decode, cold))
+    assert visible(warm_out) == visible(cold_out) and warm_out.usage.prompt_tokens_cached == 40
+    assert (decode.stats()["prompt_tokens"], decode.stats()["prompt_tokens_cached"]) == (3, 40)
+    assert (cold.stats()["prompt_tokens"], cold.stats()["prompt_tokens_cached"]) == (43, 0)
+    check_all_free(decode, cold)
+
+
+def test_a_warmed_think_program_gives_a_cold_engines_result(make_tiny_engine):
+    """Warmed: the prompt's KV cached and a think program started on it in one call; its root
+    takes the full blocks from the prefix cache, and its branches come out as on a cold engine."""
+    from ponder.think.run import ThinkPrompt, think_program
+
+    prompt = list(range(30, 67))                        # 37 tokens: the root computes 36, 32 of them cached
+    options = {"strategy": "self-consistency", "n": 3, "temperature": 0.8, "seed": 5, "max_tokens": 8}
+    results, stats = [], []
+    for warm in (True, False):
+        engine = make_tiny_engine()
+        factory = think_program(ThinkPrompt(prompt, None, "q"), options, "t")
+        if warm:
+            factory = Warmed(_prefilled(make_tiny_engine(), prompt), factory)
+        run = factory(engine)
+        run_programs(engine, [run])
+        assert run.result.error is None
+        results.append([(c.text, c.finish_reason, c.num_tokens) for c in run.result.candidates])
+        stats.append((engine.stats()["prompt_tokens"], engine.stats()["prompt_tokens_cached"]))
+        check_all_free(engine)
+    assert results[0] == results[1] and len(results[0]) == 3
+    assert stats == [(36 - 36 // 4 * 4 + 3, 36), (36 + 3, 0)]    # the branches compute the last token each
+
+
+def test_an_aborted_or_failed_prefill_program_holds_no_block(make_tiny_engine):
+    """Aborted mid-prefill (chunked), or refused (a prompt the pool can never hold): every block free;
+    a prompt's KV from another model is refused by warm_prefix, which then leaves the engine as it was."""
+    engine = make_tiny_engine(max_num_batched_tokens=8)
+    program = PrefillPrompt(list(range(10, 50)), "a")(engine)
+    engine.step()
+    program.abort()
+    assert program.result.kv is None and program.result.error == "aborted" and program.advance()
+    check_all_free(engine)
+    small = make_tiny_engine(num_kv_blocks=4)
+    with pytest.raises(ValueError, match="needs 11 KV blocks"):
+        PrefillPrompt(list(range(10, 50)), "b")(small)
+    check_all_free(small)
+    other = make_tiny_engine(model_overrides=dict(rope_theta=500.0))
+    with pytest.raises(HandoffError, match="another model"):
+        other.warm_prefix(_prefilled(make_tiny_engine(), list(range(10, 30))))
+    assert other.pool.num_cached == 0
+    check_all_free(other)
 
 
 def test_prefill_only_is_refused_for_a_driven_request(make_tiny_engine):
