@@ -175,9 +175,9 @@ class ReplicaSet:
                            lambda actor: actor.add.remote(prompts, params, request_id))
         return sub.stream
 
-    async def start_program(self, factory: ProgramFactory, request_id: str) -> Stream:
+    async def start_program(self, factory: ProgramFactory, request_id: str, send=None) -> Stream:
         """Start a program on one replica from its description (a dataclass the replica calls with
-        its engine, such as ponder.think.run.ThinkProgram)."""
+        its engine, such as ponder.think.run.ThinkProgram); `send(actor)`: how, if not its start_program."""
         if not dataclasses.is_dataclass(factory) or isinstance(factory, type):
             raise TypeError("replicas start a program from its description (a dataclass instance such as "
                             f"ponder.think.run.ThinkProgram), not from {type(factory).__name__}")
@@ -185,7 +185,7 @@ class ReplicaSet:
         options = getattr(factory, "options", {})
         cost = len(ids) + int(options.get("n") or 1) * int(options.get("max_tokens") or _THINK_MAX_TOKENS)
         sub = Submission(request_id, [request_id], cost, program=True)
-        await self._submit(sub, ids, lambda actor: actor.start_program.remote(factory, request_id))
+        await self._submit(sub, ids, send or (lambda actor: actor.start_program.remote(factory, request_id)))
         return sub.stream
 
     async def continue_handoff(self, parent: Submission, ready: HandoffReady) -> None:

@@ -8,15 +8,21 @@ token and posts a `HandoffReady` (the KV's object-store reference); the decode s
 least-loaded, continues the request there, feeding the same stream. The KV goes from one replica
 to the other through the object store; the front end only passes the reference on.
 
-A think request goes straight to one decode replica, which prefills its prompt and runs every
-branch there (where they share KV): the engine runs no program prefill-only, so "prefilled on a
-prefill replica, then moved" is simplified to "prefilled where it runs".
+A think request runs every branch on one decode replica (where they share KV), its prompt
+prefilled on a prefill replica: the decode set picks the replica (least loaded) and counts the
+request on it; meanwhile a prefill replica (by the prefill set's policy) runs the engine's
+`PrefillPrompt` program and ends it with the prompt KV's reference (`PromptReady`); the chosen
+decode replica fetches it and starts the think program `Warmed` with it: the prompt's full blocks
+are written into its prefix cache first, so the program's prompt takes them from there and computes
+only the tokens past the last full block. (A description whose prompt is not rendered to ids yet —
+chat messages, not a ThinkPrompt — is prefilled where it runs.)
 
 Aborts (a client that leaves) reach a request wherever it is: on its prefill replica (held KV is
-freed), in transit (the hand-off is dropped when it lands, and the object store frees the KV with
-its last reference), or on its decode replica. A prefill or decode replica that dies fails its
-requests with EngineDeadError naming it and its role, and is replaced; a hand-off whose prefill
-replica died before the decode replica fetched it fails with RequestFailed.
+freed; a think prompt's program is ended), in transit (the hand-off is dropped when it lands, and
+the object store frees the KV with its last reference), or on its decode replica. A prefill or
+decode replica that dies fails its requests with EngineDeadError naming it and its role, and is
+replaced; a hand-off whose prefill replica died before the decode replica fetched it fails with
+RequestFailed, and so does a think request whose prompt's prefill replica died.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from ponder.distributed.health import HealthPolicy
 from ponder.distributed.metrics import sum_stats
 from ponder.distributed.pd_replica import ABORTED, DecodeReplica, PrefillReplica
 from ponder.distributed.replica import ReplicaSpec
-from ponder.distributed.wire import HandoffReady
+from ponder.distributed.wire import HandoffReady, WireError
+from ponder.engine.handoff import PrefillPrompt
 from ponder.engine.programs import ProgramFactory
 from ponder.engine.streams import EngineDeadError, EngineUnavailable, RequestAborted, RequestFailed, Stream
 from ponder.sampling_params import SamplingParams
@@ -64,6 +71,7 @@ class DisaggregatedReplicas:
             raise
         self.info = self.prefill.info
         self._in_transit: dict[str, Submission] = {}    # engine request id -> its prefill submission
+        self._warming: dict[str, bool] = {}             # think requests being started -> aborted meanwhile
         self._tasks: set[asyncio.Task] = set()
         self._accepting = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -77,12 +85,13 @@ class DisaggregatedReplicas:
         self._accepting = True
 
     async def drain(self, timeout: float) -> None:
-        """Take no new request; the prefill replicas finish and hand off what they have, then the
-        decode replicas finish theirs, all within `timeout` seconds (then the rest is aborted)."""
+        """Take no new request; the prefill replicas finish and hand off what they have (think
+        prompts included), then the decode replicas finish theirs, all within `timeout` seconds
+        (then the rest is aborted)."""
         self._accepting = False
         deadline = time.monotonic() + timeout
         await self.prefill.drain(timeout)
-        while self._in_transit and time.monotonic() < deadline:
+        while (self._in_transit or self._warming) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         await self.decode.drain(max(0.0, deadline - time.monotonic()))
 
@@ -106,13 +115,61 @@ class DisaggregatedReplicas:
         return await self.prefill.add(prompts, params, request_id)
 
     async def start_program(self, factory: ProgramFactory, request_id: str) -> Stream:
-        """Run a program (a think request) whole on one decode replica."""
+        """Run a program (a think request) on one decode replica, its prompt prefilled on a prefill
+        replica (see the module's docstring); AsyncEngine.start_program's contract."""
         self._check_accepting()
-        return await self.decode.start_program(factory, request_id)
+        ids = list(getattr(factory, "prompt_token_ids", []))
+        if not ids:                         # not rendered yet: prefilled where it runs
+            return await self.decode.start_program(factory, request_id)
+        self._warming[request_id] = False
+        starting = self._loop.create_task(self._start_warmed(factory, ids, request_id))
+        try:
+            return await asyncio.shield(starting)
+        except asyncio.CancelledError:      # the start goes on to its end, so it frees what it took
+            self.abort([request_id])
+            starting.add_done_callback(lambda t: t.cancelled() or t.exception())
+            raise
+
+    async def _start_warmed(self, factory: ProgramFactory, ids: list[int], request_id: str) -> Stream:
+        prefilled: list = []                # [the KV's refs or why not]: once, though decode replicas may refuse
+
+        async def send(actor) -> WireError | None:
+            if not prefilled:
+                prefilled.append(await self._prefill(ids, request_id))
+            if isinstance(prefilled[0], WireError):
+                return prefilled[0]
+            if self._warming[request_id]:
+                return WireError.of(RequestAborted(ABORTED))     # (the object store frees the KV)
+            error = await actor.start_warmed.remote(prefilled[0], factory, request_id)
+            if error is None and self._warming[request_id]:    # aborted while the replica took it
+                self.decode.abort([request_id])
+            return error
+
+        try:
+            return await self.decode.start_program(factory, request_id, send)
+        finally:
+            del self._warming[request_id]
+
+    async def _prefill(self, ids: list[int], request_id: str) -> list | WireError:
+        """The object-store reference of the prompt's KV, computed on a prefill replica; or why not."""
+        try:
+            if self._warming[request_id]:
+                raise RequestAborted(ABORTED)
+            stream = await self.prefill.start_program(PrefillPrompt(ids, request_id), request_id)
+            if self._warming[request_id]:   # aborted while the prefill replica took it
+                self.prefill.abort([request_id])
+            ready = await stream.final()
+        except EngineDeadError as e:        # its prefill replica died
+            return WireError.of(RequestFailed(f"the think prompt could not be prefilled: {e}"))
+        except Exception as e:              # aborted, refused (overloaded, a bad prompt) or failed
+            return WireError.of(e)
+        return ready.refs
 
     def abort(self, request_ids: list[str], reason: str = "aborted by the client") -> None:
         """Abort requests wherever they are (non-blocking); unknown or finished ids are ignored."""
         for rid in request_ids:
+            if rid in self._warming:
+                self._warming[rid] = True
             parent = self._in_transit.get(rid)
             if parent is not None:
                 parent.aborted = True

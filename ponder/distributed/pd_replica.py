@@ -9,12 +9,19 @@ the reference, in a list so that Ray passes it on unresolved. The front end (pd_
 that to a decode replica, which fetches the hand-off, has its engine take it over (`add_handoff`,
 on the engine thread: no recompute) and streams the rest, as any replica streams its requests.
 
+A think request's prompt moves the same way, but as a program's: a prefill replica runs the
+engine's `PrefillPrompt` program (the prompt's KV, all but its last token, and no request left),
+puts the `PromptKV` it ends with in the object store and ends it with a `PromptReady` holding the
+reference; a decode replica fetches it and starts the think program `Warmed` with it (the prompt's
+full blocks cached first, in the same engine-thread call), so the program's prompt hits them.
+
 Fault injection, a test hook: `ReplicaSpec.handoff_delays` (or the actor call `set_handoff_delays`)
 maps a stage to the seconds the replica pauses there, so a test can make a client disconnect land in the middle of a hand-off:
 
 - "held" (prefill): the first token is posted; the engine holds the KV, not yet exported;
-- "exported" (prefill): the KV is in the object store, the prefill blocks freed, the front end not told;
-- "arrived" (decode): the hand-off is fetched; the engine has not taken it.
+- "exported" (prefill): the KV (or a think prompt's) is in the object store, the prefill blocks
+  freed, the front end not told;
+- "arrived" (decode): the hand-off (or a think prompt's KV) is fetched; the engine has not taken it.
 
 `kv_report()` says, from the engine thread, whether every block is free and nothing is held.
 """
@@ -31,8 +38,10 @@ from ponder.distributed.disaggregation import as_continuing, handed_off
 from ponder.distributed.health import describe
 from ponder.distributed.replica import EngineReplica, ReplicaSpec
 from ponder.distributed.router import cost_tokens
-from ponder.distributed.wire import HandoffReady, WireError
-from ponder.engine.streams import RequestAborted
+from ponder.distributed.wire import HandoffReady, PromptReady, WireError
+from ponder.engine.handoff import HandoffError, PromptPrefilled, Warmed
+from ponder.engine.programs import ProgramFactory
+from ponder.engine.streams import RequestAborted, RequestFailed, Stream
 from ponder.sampling_params import SamplingParams
 
 STAGES = ("held", "exported", "arrived")
@@ -69,6 +78,12 @@ class HandoffReplica(EngineReplica):
 
         return {**await self.engine.call(blocks), **self.handoffs, "recent": list(self.recent)}
 
+    def _count(self, timings: dict) -> None:
+        """One more hand-off (of a request or of a think prompt) done, with its timings."""
+        self.handoffs["handoffs"] += 1
+        self.handoffs["handoff_bytes"] += timings["kv_bytes"]
+        self.recent.append(timings)
+
 
 class PrefillReplica(HandoffReplica):
     """Computes prompts and first tokens; hands every request that goes on to a decode replica."""
@@ -100,18 +115,27 @@ class PrefillReplica(HandoffReplica):
             raise RequestAborted(ABORTED) from None
         exported = time.perf_counter()
         ref = ray.put(handoff)
-        self.recent.append({"request_id": request_id, "kv_bytes": handoff.nbytes, "export_s": exported - start,
-                            "put_s": time.perf_counter() - exported})
-        self.handoffs["handoffs"] += 1
-        self.handoffs["handoff_bytes"] += handoff.nbytes
+        self._count({"request_id": request_id, "kv_bytes": handoff.nbytes, "export_s": exported - start,
+                     "put_s": time.perf_counter() - exported})
         await self._pause("exported")
         params, prompt_tokens = handoff.params, len(handoff.prompt_token_ids)
         return HandoffReady(request_id, [ref], handoff.nbytes,
                             cost_tokens(prompt_tokens, params.n, params.max_tokens, self.engine.engine.max_model_len))
 
+    async def _post_result(self, key: str, result) -> None:
+        """A think prompt's KV (what a PrefillPrompt program ends with) goes to the object store; the
+        program ends with a PromptReady holding its reference."""
+        if isinstance(result, PromptPrefilled) and result.kv is not None:
+            start = time.perf_counter()
+            ref = ray.put(result.kv)
+            self._count({"request_id": key, "kv_bytes": result.kv.nbytes, "put_s": time.perf_counter() - start})
+            await self._pause("exported")
+            result = PromptReady([ref], result.kv.nbytes)
+        await super()._post_result(key, result)
+
 
 class DecodeReplica(HandoffReplica):
-    """Continues requests from their hand-offs (and runs think requests whole)."""
+    """Continues requests from their hand-offs, and runs think programs on their prompts' KV."""
 
     def __init__(self, spec: ReplicaSpec, replica_id: int):
         super().__init__(spec, replica_id)
@@ -120,11 +144,27 @@ class DecodeReplica(HandoffReplica):
     async def add_handoff(self, refs: list, request_id: str) -> WireError | None:
         """Fetch the hand-off `refs[0]` and continue it as engine request `request_id`; None once
         the engine took it, else why not."""
+        return await self._land(refs, request_id, lambda handoff: self.engine.add_handoff(handoff, request_id))
+
+    async def start_warmed(self, refs: list, factory: ProgramFactory, request_id: str) -> WireError | None:
+        """Fetch a think prompt's KV `refs[0]` (an engine PromptKV) and start the program `factory`
+        describes on it (engine/handoff.py's Warmed: the prompt's full blocks are cached first, so
+        they are not recomputed); None once started, else why not."""
+        async def start(prompt) -> Stream:
+            try:
+                return await self.engine.start_program(Warmed(prompt, factory), request_id)
+            except HandoffError as e:           # a setup error, not the client's
+                raise RequestFailed(f"the think prompt's KV cannot be used here: {e}") from None
+
+        return await self._land(refs, request_id, start)
+
+    async def _land(self, refs: list, request_id: str, submit) -> WireError | None:
+        """Fetch `refs[0]`, then (unless aborted meanwhile) follow the stream `submit(it)` gives."""
         self._landing[request_id] = False
         try:
             start = time.perf_counter()
             try:
-                handoff = await refs[0]
+                landed = await refs[0]
             except ray.exceptions.RayError as e:
                 return WireError("RequestFailed", "the request's KV could not be fetched from the object store "
                                                   f"(its prefill replica may have died): {describe(e)}")
@@ -134,14 +174,12 @@ class DecodeReplica(HandoffReplica):
                 self.handoffs["handoffs_dropped"] += 1
                 return WireError.of(RequestAborted(ABORTED))
             taking = time.perf_counter()
-            error = await self._take(request_id, self.engine.add_handoff(handoff, request_id))
+            error = await self._take(request_id, submit(landed))
         finally:
             del self._landing[request_id]
         if error is None:
-            self.handoffs["handoffs"] += 1
-            self.handoffs["handoff_bytes"] += handoff.nbytes
-            self.recent.append({"request_id": request_id, "kv_bytes": handoff.nbytes, "fetch_s": fetched - start,
-                                "import_s": time.perf_counter() - taking})
+            self._count({"request_id": request_id, "kv_bytes": landed.nbytes, "fetch_s": fetched - start,
+                         "import_s": time.perf_counter() - taking})
         return error
 
     async def abort(self, request_ids: list[str], reason: str = "aborted by the client") -> None:

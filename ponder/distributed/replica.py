@@ -165,7 +165,7 @@ class EngineReplica:
                 sent.update((o.request_id, o) for o in changed)
                 await self._post_outputs(key, changed, stream.done)
             if stream.program:
-                self._outbox.post(key, ProgramUpdate([], stream.result), True)
+                await self._post_result(key, stream.result)
         except Exception as e:                # RequestFailed, RequestAborted, EngineDeadError
             self._outbox.post(key, WireError.of(e), True)
         finally:
@@ -175,6 +175,11 @@ class EngineReplica:
         """Post what these outputs (RequestOutputs of submission `key`) gained; a prefill replica
         hands off those that wait for it."""
         self._outbox.post(key, [self._encoder.encode(o) for o in outputs], ended)
+
+    async def _post_result(self, key: str, result) -> None:
+        """Post a program's result, which ends submission `key`; a prefill replica moves a prompt's
+        KV to the object store first."""
+        self._outbox.post(key, ProgramUpdate([], result), True)
 
     # -- observation and lifecycle ----------------------------------------------------------------
     async def health(self) -> dict:

@@ -8,7 +8,8 @@ end of the text: a delta therefore says how much of what was sent still stands (
 follows it.
 
 In P/D mode a prefill replica tells the front end that a request's KV waits in the object store
-with a `HandoffReady`, holding the reference in a list (so Ray passes it on without fetching it).
+with a `HandoffReady`, holding the reference in a list (so Ray passes it on without fetching it);
+a think request's prompt, prefilled by a program, ends that program with a `PromptReady`.
 
 Exceptions pickle their message only (EngineUnavailable would lose its Retry-After, RequestFailed
 the option at fault), so errors travel as `WireError` and are rebuilt on arrival.
@@ -57,6 +58,16 @@ class HandoffReady:
     refs: list                         # [ObjectRef of the Handoff]: a list, so Ray does not resolve it
     kv_bytes: int
     cost_tokens: int                   # router load it brings a decode replica (router.cost_tokens)
+
+
+@dataclass
+class PromptReady:
+    """A prefill replica's PrefillPrompt program result as the front end gets it: the prompt's KV
+    (an engine PromptKV) is in Ray's object store."""
+
+    refs: list                         # [ObjectRef of the PromptKV]: a list, so Ray does not resolve it
+    kv_bytes: int
+    error: str | None = None           # (a program result's field: it succeeded)
 
 
 @dataclass

@@ -37,11 +37,11 @@ import hashlib
 import time
 import weakref
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ponder.engine.programs import Program, ProgramFactory
 from ponder.engine.prompts import check_prompt
 from ponder.engine.sequence import Request, Sequence, SequenceStatus
 from ponder.outputs import Logprob
@@ -370,8 +370,8 @@ class Warmed:
     takes them from the prefix cache."""
 
     prompt: PromptKV
-    factory: ProgramFactory
+    factory: Callable           # a program factory (engine/programs.py, which imports the engine)
 
-    def __call__(self, engine) -> Program:
+    def __call__(self, engine):
         engine.warm_prefix(self.prompt)
         return self.factory(engine)

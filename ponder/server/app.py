@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from ponder.engine.async_engine import AsyncEngine
 from ponder.engine.engine_thread import EngineThread
-from ponder.engine.streams import EngineDeadError, EngineUnavailable, RequestFailed, Stream
+from ponder.engine.streams import EngineDeadError, EngineUnavailable, RequestAborted, RequestFailed, Stream
 from ponder.engine.engine import LLMEngine
 from ponder.engine.structured import Grammars
 from ponder.model.loader import DEFAULT_MODEL
@@ -294,7 +294,7 @@ async def _think(request: Request, body: ChatCompletionRequest) -> Response:
     except EngineUnavailable as e:
         state.metrics.rejected("overloaded" if e.retry_after else "unavailable")
         raise api_error(e) from None
-    except (EngineDeadError, RequestFailed) as e:
+    except (EngineDeadError, RequestFailed, RequestAborted) as e:   # (P/D: aborted while prefilled)
         raise api_error(e) from None
     reply = ThinkGeneration(stream, ThinkRenderer(request_id, state.model_name, state.texts, body.include_usage),
                             state.engine, options)

@@ -2,7 +2,8 @@
 and one decode replica behind the HTTP front end give one engine's outputs (greedy, seeded, n > 1,
 logprobs), their KV moving through the object store; a client that disconnects in the middle of a
 hand-off (the fault hook pauses it there) leaves every block free on both replicas; a think request
-runs whole on the decode replica; health and metrics name each replica's role; a decode replica
+is prefilled on the prefill replica and runs on the decode replica, whose prefix cache takes the
+prompt's full blocks from the prefill's KV, and one aborted while its prompt moves frees both; health and metrics name each replica's role; a decode replica
 killed mid-stream fails its requests at once and is replaced."""
 
 from __future__ import annotations
@@ -161,17 +162,74 @@ def test_a_client_gone_mid_handoff_leaves_every_block_free(server, pd, role, sta
     _all_free(pd)
 
 
-def test_a_think_request_runs_whole_on_a_decode_replica(client, pd):
+THINK = {"messages": [{"role": "user", "content": "What is 2 + 2? Think it through, one step at a time."}],
+         "max_tokens": 8, "ponder": {"strategy": "self-consistency", "n": 3, "temperature": 0.8, "seed": 3}}
+
+
+def _think(url: str, body: dict) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+
+
+def _added(before: dict, after: dict, key: str) -> dict:
+    return {role: sum(after[role][i][key] - before[role][i].get(key, 0) for i in after[role]) for role in after}
+
+
+def test_a_think_request_is_prefilled_on_a_prefill_replica_and_decoded_on_one_decode_replica(server, pd, config):
+    """One engine's result. The prefill replica computed the prompt (all but its last token, as a
+    think root does); the decode replica took the prompt's full blocks from its prefix cache, warmed
+    with that KV, and computed only the rest (and each branch's last prompt token)."""
+    from ponder.engine.engine import LLMEngine
+
+    body = {"model": pd.info.model_name, **THINK}
+    engine = LLMEngine(config)
+    alone = ServerThread(engine)
+    try:
+        expected = _think(alone.url, body).json()
+    finally:
+        alone.stop()
     before = {s.role: s.collect_stats() for s in pd.sets}
-    reply = client.chat.completions.create(
-        model=pd.info.model_name, messages=[{"role": "user", "content": "What is 2 + 2?"}],
-        max_tokens=8, extra_body={"ponder": {"strategy": "self-consistency", "n": 3, "temperature": 0.8}})
-    assert reply.choices[0].finish_reason == "stop"
-    assert len(reply.model_extra["ponder"]["candidates"]) == 3
+    reply = _think(server.url, body)
+    assert reply.status_code == 200, reply.text
+    got = reply.json()
     after = {s.role: s.collect_stats() for s in pd.sets}
-    added = {role: sum(after[role][i]["requests_added"] - before[role][i]["requests_added"] for i in after[role])
-             for role in after}
-    assert added == {"prefill": 0, "decode": 1}, added
+    for key in ("answer", "final_answer", "candidates", "votes"):
+        assert got["ponder"][key] == expected["ponder"][key], key
+    assert got["choices"][0]["message"] == expected["choices"][0]["message"]
+    assert _added(before, after, "requests_added") == {"prefill": 1, "decode": 1}
+    computed, cached = (_added(before, after, key) for key in ("prompt_tokens", "prompt_tokens_cached"))
+    root = got["ponder"]["num_prompt_tokens"] - 1                # the prompt but its last token
+    full = root // pd.info.block_size * pd.info.block_size
+    assert computed["prefill"] + cached["prefill"] == root and computed["prefill"] > 0
+    assert cached["decode"] == full >= 2 * pd.info.block_size           # not recomputed
+    assert computed["decode"] == engine.stats()["prompt_tokens"] - full == root - full + 3
+    _all_free(pd)
+
+
+@pytest.mark.parametrize("role, stage", [("prefill", "exported"), ("decode", "arrived")])
+def test_a_think_request_aborted_while_its_prompt_moves_leaves_every_block_free(server, pd, role, stage):
+    """Aborted while its prompt's KV waits in the object store (the prefill replica paused before
+    telling the front end), or once fetched by the decode replica: the request ends aborted (503),
+    nothing runs on, and every block is free on both replicas."""
+    import ray
+
+    actor = _actor(pd, role)
+    ray.get(actor.set_handoff_delays.remote({stage: 1.5}), timeout=10)
+    before = _reports(pd)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(_think, server.url, {"model": pd.info.model_name, **THINK})
+            _wait(lambda: pd._warming, 10, "the think request to start")
+            time.sleep(0.5)                                  # its prompt reaches the stage
+            pd._loop.call_soon_threadsafe(pd.abort, list(pd._warming))
+            response = reply.result(timeout=30)
+        assert response.status_code == 503 and "aborted" in response.text, response.text
+        _wait(lambda: pd.num_in_flight == 0, 10, "the request to be aborted")
+    finally:
+        ray.get(actor.set_handoff_delays.remote({}), timeout=10)
+    after = _reports(pd)
+    assert after["decode"]["handoffs_dropped"] - before["decode"]["handoffs_dropped"] == int(stage == "arrived")
+    assert after["decode"]["handoffs"] == before["decode"]["handoffs"]       # no program started there
+    assert after["prefill"]["handoffs"] - before["prefill"]["handoffs"] == 1
     _all_free(pd)
 
 
