@@ -233,6 +233,30 @@ def test_a_think_request_aborted_while_its_prompt_moves_leaves_every_block_free(
     _all_free(pd)
 
 
+def test_a_think_request_whose_prefill_replica_dies_fails_clearly(server, pd):
+    """Its prefill replica killed while the prompt's KV waits there: the request fails at once,
+    naming it; the replica is replaced; nothing is left held on the decode replica."""
+    import ray
+
+    actor = _actor(pd, "prefill")
+    (victim,) = pd.prefill.replicas
+    ray.get(actor.set_handoff_delays.remote({"exported": 5}), timeout=10)
+    with ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(_think, server.url, {"model": pd.info.model_name, **THINK})
+        _wait(lambda: pd._warming, 10, "the think request to start")
+        time.sleep(0.5)
+        killed_at = time.monotonic()
+        ray.kill(actor)
+        response = reply.result(timeout=30)
+    assert time.monotonic() - killed_at < 2.0
+    assert response.status_code == 400 and "could not be prefilled" in response.text, response.text
+    assert f"prefill replica {victim} failed" in response.text, response.text
+    _wait(lambda: pd.num_in_flight == 0, 10, "the request to end")
+    _wait(lambda: any(r.replaces == victim and r.state == "serving" for r in pd.prefill.replicas.values()), 30,
+          "a replacement prefill replica")
+    _all_free(pd)
+
+
 def test_health_and_metrics_name_each_replicas_role(server, pd):
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok"
