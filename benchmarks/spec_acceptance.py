@@ -30,8 +30,8 @@ from ponder.layers.sampler import SamplingBatch, processed_logits, sample, sampl
 
 
 def teacher_forced_logits(llm: LLM, token_ids: list[int], first: int) -> torch.Tensor:
-    """Logits predicting token_ids[first:], from one prefill of the whole text (fresh blocks of an
-    idle engine)."""
+    """Logits predicting token_ids[first:], from one prefill of the whole text, written into the
+    first blocks of an idle engine's pool (one without a prefix cache that could hold them)."""
     runner = llm.engine.runner
     blocks = list(range(-(-len(token_ids) // runner.block_size)))
     return runner.execute([(token_ids, 0, blocks)], [], [(0, first - 1, len(token_ids) - 1)])
@@ -65,7 +65,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, action="append", help="default: the model's recommended, and 1.0")
     ap.add_argument("--output")
     args = ap.parse_args()
-    target, draft = LLM(args.target, num_kv_blocks=1024), LLM(args.draft, num_kv_blocks=1024)
+    # no prefix cache: teacher forcing writes into the pool's first blocks, which must not be cached prompts
+    target = LLM(args.target, num_kv_blocks=1024, enable_prefix_caching=False)
+    draft = LLM(args.draft, num_kv_blocks=1024, enable_prefix_caching=False)
     prompts = humaneval_prompts(args.prompts)
     result = {"target": args.target, "draft": args.draft, "workload": f"humaneval[:{args.prompts}]",
               "max_tokens": args.max_tokens, "settings": []}
