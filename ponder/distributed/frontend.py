@@ -32,6 +32,7 @@ from typing import Callable
 import ray
 
 from ponder.distributed.cluster import ClusterError, check_cpus
+from ponder.distributed.loop_tasks import LoopTasks
 from ponder.distributed.health import HealthPolicy, describe, watch, within
 from ponder.distributed.metrics import sum_stats
 from ponder.distributed.replica import EngineReplica, Entry, ReplicaInfo, ReplicaSpec
@@ -78,7 +79,7 @@ class Replica:
     submissions: dict[str, Submission] = field(default_factory=dict)
 
 
-class ReplicaSet:
+class ReplicaSet(LoopTasks):
     """N replicas of one engine behind a router. Construct (blocking: the replicas load their
     models), then `start()` on the event loop that will serve it."""
 
@@ -99,9 +100,8 @@ class ReplicaSet:
         self._replicas: dict[int, Replica] = {}
         self._indices = itertools.count()
         self._submissions: dict[str, Submission] = {}     # by engine request id
-        self._tasks: set[asyncio.Task] = set()            # replacements, drains, the health watch
+        LoopTasks.__init__(self)                          # replacements, drains, the health watch
         self._accepting = False
-        self._loop: asyncio.AbstractEventLoop | None = None
         started = [self._spawn() for _ in range(num_replicas)]
         try:
             infos = ray.get([r.actor.ready.remote() for r in started], timeout=ready_timeout)
@@ -139,16 +139,10 @@ class ReplicaSet:
         while self._submissions and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
-    def request_drain(self, timeout: float) -> None:
-        """Thread- and signal-safe: schedule `drain(timeout)` on the serving event loop."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(lambda: self._background(self.drain(timeout)))
-
     async def shutdown(self) -> None:
         """Abort whatever is in flight, stop every replica and end its actor."""
         self._accepting = False
-        for task in list(self._tasks):
-            task.cancel()
+        self._cancel_background()
         live = [r for r in self._replicas.values() if r.state not in ("dead", "stopped")]
         await asyncio.gather(*(within(r.actor.shutdown.remote(), self.health_policy.timeout) for r in live),
                              return_exceptions=True)
@@ -338,11 +332,6 @@ class ReplicaSet:
     def _serve(self, replica: Replica, info: ReplicaInfo) -> None:
         replica.info, replica.state = info, "serving"
         self.router.add_replica(replica.index)
-
-    def _background(self, work) -> None:
-        task = self._loop.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # -- observation --------------------------------------------------------------------------------
     @property

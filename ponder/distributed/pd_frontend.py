@@ -35,6 +35,7 @@ import ray
 
 from ponder.distributed.cluster import check_cpus
 from ponder.distributed.frontend import SHUTDOWN_REASON, ReplicaSet, Submission
+from ponder.distributed.loop_tasks import LoopTasks
 from ponder.distributed.health import HealthPolicy
 from ponder.distributed.metrics import sum_stats
 from ponder.distributed.pd_replica import ABORTED, DecodeReplica, PrefillReplica
@@ -50,7 +51,7 @@ logger = logging.getLogger("ponder.distributed")
 _STREAM_ERRORS = (RequestAborted, RequestFailed, EngineDeadError)     # what a stream may end with
 
 
-class DisaggregatedReplicas:
+class DisaggregatedReplicas(LoopTasks):
     """P prefill and D decode replicas of one engine. Construct (blocking: the replicas load their
     models), then `start()` on the event loop that will serve it."""
 
@@ -72,9 +73,8 @@ class DisaggregatedReplicas:
         self.info = self.prefill.info
         self._in_transit: dict[str, Submission] = {}    # engine request id -> its prefill submission
         self._warming: dict[str, bool] = {}             # think requests being started -> aborted meanwhile
-        self._tasks: set[asyncio.Task] = set()
+        LoopTasks.__init__(self)                        # hand-offs, think starts, drains
         self._accepting = False
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -95,16 +95,10 @@ class DisaggregatedReplicas:
             await asyncio.sleep(0.02)
         await self.decode.drain(max(0.0, deadline - time.monotonic()))
 
-    def request_drain(self, timeout: float) -> None:
-        """Thread- and signal-safe: schedule `drain(timeout)` on the serving event loop."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(lambda: self._background(self.drain(timeout)))
-
     async def shutdown(self) -> None:
         """Abort whatever is in flight and end every replica of both sets."""
         self._accepting = False
-        for task in list(self._tasks):
-            task.cancel()
+        self._cancel_background()
         await asyncio.gather(self.prefill.shutdown(), self.decode.shutdown())
 
     # -- requests ---------------------------------------------------------------------------------
@@ -205,11 +199,6 @@ class DisaggregatedReplicas:
             parent.stream._receive(RequestFailed(f"no decode replica could continue the request: {e}"))
         finally:
             del self._in_transit[rid]
-
-    def _background(self, work) -> None:
-        task = self._loop.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # -- observation --------------------------------------------------------------------------------
     @property
