@@ -29,6 +29,7 @@ import sys
 import time
 
 from ponder.bench.costmodel import StepCostModel, attention_reads
+from ponder.bench.report import pyplot, save_figure
 from ponder.distributed.request_traces import random_trace, shared_prefix_trace
 from ponder.distributed.simulate import SLO, ClusterSpec, simulate
 from ponder.distributed.simulated_replica import ReplicaSpec
@@ -185,21 +186,9 @@ def assumptions(cost: StepCostModel, cost_path: str) -> dict:
 # -- plots -------------------------------------------------------------------------------------------
 
 def _figure(rows: int, cols: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
     return plt, fig, axes
-
-
-def _save(plt, fig, path: str, title: str) -> str:
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def plot_routing(doc: dict, out_dir: str, tag: str = "") -> str:
@@ -217,58 +206,63 @@ def plot_routing(doc: dict, out_dir: str, tag: str = "") -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     slo = exp["slo"]
-    return _save(plt, fig, os.path.join(out_dir, f"simulate-routing{tag}.png"),
-                 f"simulated routing: {exp['trace']['num_prefixes']} system prompts of "
-                 f"{exp['trace']['prefix_len']} tokens, {exp['arrival_rate_rps']:.2f} req/s Poisson; "
-                 f"SLO TTFT <= {slo['ttft_s']:.2f} s, TPOT <= {slo['tpot_s']:.3f} s")
+    return save_figure(plt, fig, os.path.join(out_dir, f"simulate-routing{tag}.png"),
+                       f"simulated routing: {exp['trace']['num_prefixes']} system prompts of "
+                       f"{exp['trace']['prefix_len']} tokens, {exp['arrival_rate_rps']:.2f} req/s Poisson; "
+                       f"SLO TTFT <= {slo['ttft_s']:.2f} s, TPOT <= {slo['tpot_s']:.3f} s")
+
+
+def _pd_figure(doc: dict, draw):
+    """The P/D plots' grid: one panel per (trace, SLO), drawn by `draw(ax, trace name, experiment,
+    SLO name)`, which returns the panel's title; each panel then gets the same styling."""
+    traces = doc["pd"]["traces"]
+    slo_names = list(next(iter(traces.values()))["slos"])
+    plt, fig, axes = _figure(len(traces), len(slo_names))
+    for row, (trace_name, exp) in zip(axes, traces.items()):
+        for ax, slo_name in zip(row, slo_names):
+            ax.set_title(draw(ax, trace_name, exp, slo_name), fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    return plt, fig
 
 
 def plot_pd_rate(doc: dict, out_dir: str, tag: str = "") -> str:
-    traces = doc["pd"]["traces"]
-    slo_names = list(next(iter(traces.values()))["slos"])
-    plt, fig, axes = _figure(len(traces), len(slo_names))
-    for row, (trace_name, exp) in zip(axes, traces.items()):
-        for ax, slo_name in zip(row, slo_names):
-            for cluster in dict.fromkeys(r["metrics"][slo_name]["cluster"] for r in exp["by_rate"]):
-                runs = [r for r in exp["by_rate"] if r["metrics"][slo_name]["cluster"] == cluster]
-                ax.plot([r["arrival_rate_rps"] for r in runs], [r["metrics"][slo_name]["goodput_rps"] for r in runs],
-                        marker="o", label=cluster, linestyle="-" if "colocated" in cluster else "--")
-            slo = exp["slos"][slo_name]
-            ax.set(title=f"{trace_name}, {slo_name} (TTFT <= {slo['ttft_s']:.2f} s, TPOT <= {slo['tpot_s']:.3f} s)",
-                   xlabel="arrival rate (requests/s)", ylabel="goodput (requests/s in SLO)")
-            ax.title.set_fontsize(9)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    return _save(plt, fig, os.path.join(out_dir, f"simulate-pd-rate{tag}.png"),
-                 f"simulated P/D split vs colocated, {PD_TOTAL} replicas, rising load")
+    def draw(ax, trace_name, exp, slo_name):
+        for cluster in dict.fromkeys(r["metrics"][slo_name]["cluster"] for r in exp["by_rate"]):
+            runs = [r for r in exp["by_rate"] if r["metrics"][slo_name]["cluster"] == cluster]
+            ax.plot([r["arrival_rate_rps"] for r in runs], [r["metrics"][slo_name]["goodput_rps"] for r in runs],
+                    marker="o", label=cluster, linestyle="-" if "colocated" in cluster else "--")
+        ax.set(xlabel="arrival rate (requests/s)", ylabel="goodput (requests/s in SLO)")
+        slo = exp["slos"][slo_name]
+        return f"{trace_name}, {slo_name} (TTFT <= {slo['ttft_s']:.2f} s, TPOT <= {slo['tpot_s']:.3f} s)"
+
+    plt, fig = _pd_figure(doc, draw)
+    return save_figure(plt, fig, os.path.join(out_dir, f"simulate-pd-rate{tag}.png"),
+                       f"simulated P/D split vs colocated, {PD_TOTAL} replicas, rising load")
 
 
 def plot_pd_replicas(doc: dict, out_dir: str, tag: str = "") -> str:
-    traces = doc["pd"]["traces"]
-    slo_names = list(next(iter(traces.values()))["slos"])
-    plt, fig, axes = _figure(len(traces), len(slo_names))
-    for row, (trace_name, exp) in zip(axes, traces.items()):
-        for ax, slo_name in zip(row, slo_names):
-            colocated, best = [], []
-            for n in PD_SCALE_REPLICAS:
-                runs = [r["metrics"][slo_name] for r in exp["by_replicas"] if r["replicas"] == n]
-                colocated.append(next(m for m in runs if "colocated" in m["cluster"]))
-                best.append(max((m for m in runs if "colocated" not in m["cluster"]), key=lambda m: m["goodput_rps"]))
-            ax.plot(PD_SCALE_REPLICAS, [m["goodput_rps"] for m in colocated], marker="o", label="colocated")
-            ax.plot(PD_SCALE_REPLICAS, [m["goodput_rps"] for m in best], marker="s", linestyle="--",
-                    label="best P/D split")
-            for n, m in zip(PD_SCALE_REPLICAS, best):
-                ax.annotate(m["cluster"], (n, m["goodput_rps"]), fontsize=7, textcoords="offset points", xytext=(3, -10))
-            rates = [next(r["arrival_rate_rps"] for r in exp["by_replicas"] if r["replicas"] == n)
-                     for n in PD_SCALE_REPLICAS]
-            ax.plot(PD_SCALE_REPLICAS, rates, color="grey", linestyle=":", label="arrival rate")
-            ax.set(title=f"{trace_name}, {slo_name}", xlabel="replicas (total)", ylabel="goodput (requests/s in SLO)")
-            ax.title.set_fontsize(9)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    return _save(plt, fig, os.path.join(out_dir, f"simulate-pd-replicas{tag}.png"),
-                 f"simulated goodput vs replicas, arrivals at {PD_SCALE_LOAD:.0%} of N colocated replicas' "
-                 "capacity: colocated vs the best P/D split")
+    def draw(ax, trace_name, exp, slo_name):
+        colocated, best = [], []
+        for n in PD_SCALE_REPLICAS:
+            runs = [r["metrics"][slo_name] for r in exp["by_replicas"] if r["replicas"] == n]
+            colocated.append(next(m for m in runs if "colocated" in m["cluster"]))
+            best.append(max((m for m in runs if "colocated" not in m["cluster"]), key=lambda m: m["goodput_rps"]))
+        ax.plot(PD_SCALE_REPLICAS, [m["goodput_rps"] for m in colocated], marker="o", label="colocated")
+        ax.plot(PD_SCALE_REPLICAS, [m["goodput_rps"] for m in best], marker="s", linestyle="--",
+                label="best P/D split")
+        for n, m in zip(PD_SCALE_REPLICAS, best):
+            ax.annotate(m["cluster"], (n, m["goodput_rps"]), fontsize=7, textcoords="offset points", xytext=(3, -10))
+        rates = [next(r["arrival_rate_rps"] for r in exp["by_replicas"] if r["replicas"] == n)
+                 for n in PD_SCALE_REPLICAS]
+        ax.plot(PD_SCALE_REPLICAS, rates, color="grey", linestyle=":", label="arrival rate")
+        ax.set(xlabel="replicas (total)", ylabel="goodput (requests/s in SLO)")
+        return f"{trace_name}, {slo_name}"
+
+    plt, fig = _pd_figure(doc, draw)
+    return save_figure(plt, fig, os.path.join(out_dir, f"simulate-pd-replicas{tag}.png"),
+                       f"simulated goodput vs replicas, arrivals at {PD_SCALE_LOAD:.0%} of N colocated replicas' "
+                       "capacity: colocated vs the best P/D split")
 
 
 def main(argv=None) -> int:

@@ -166,7 +166,7 @@ def tables(runs: list[RunResult]) -> str:
 
 # -- plots ----------------------------------------------------------------------------------------
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,8 +175,18 @@ def _pyplot():
     return plt
 
 
+def save_figure(plt, fig, path: str, title: str | None = None) -> str:
+    """Lay out, write (110 dpi) and close a figure; returns its path."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_throughput_vs_concurrency(runs: list[RunResult], path: str) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     by_name: dict[str, list[RunResult]] = defaultdict(list)
     for run in runs:
@@ -193,14 +203,11 @@ def plot_throughput_vs_concurrency(runs: list[RunResult], path: str) -> str:
     ax.set_title("throughput vs concurrency")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def plot_latency_cdfs(runs: list[RunResult], path: str) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (label, attr) in zip(axes, (("TTFT ms", "ttft"), ("end-to-end latency ms", "e2el"))):
         for run in runs:
@@ -212,10 +219,7 @@ def plot_latency_cdfs(runs: list[RunResult], path: str) -> str:
         ax.set_ylabel("fraction of requests")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def write_plots(runs: list[RunResult], json_path: str) -> list[str]:

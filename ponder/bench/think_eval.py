@@ -196,9 +196,9 @@ def majority_correct(pool: list[Sample], reference: str | None) -> bool:
 def plot_accuracy_vs_tokens(report: dict, path: str) -> str:
     """Accuracy (with its 95% interval) against generated tokens per problem: greedy, maj@k for
     each k, adaptive consistency."""
-    from ponder.bench.report import _pyplot
+    from ponder.bench.report import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     points = [("greedy", report["greedy"])] + [(f"maj@{k}", r) for k, r in report["maj@k"].items()]
     points.append(("adaptive", report["adaptive_consistency"]))
@@ -212,10 +212,7 @@ def plot_accuracy_vs_tokens(report: dict, path: str) -> str:
     ax.set_title(f"GSM8K, {report['problems']} problems")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -37,6 +37,14 @@ def tiny_engine_config(tiny_folder, tiny_cache):
 
 
 @pytest.fixture(scope="module")
+def client(server):
+    """The openai SDK against the module's `server` fixture (a front end served on a real port)."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray cluster on loopback for this module (4 logical CPUs, 256 MB object store),
     shut down and its folder wiped afterwards, whatever the tests did."""

@@ -12,7 +12,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import openai
 import pytest
 
 from ponder import LLM, SamplingParams
@@ -63,11 +62,6 @@ def server(pd):
     yield server
     server.stop()
     assert all(r.state == "stopped" for s in pd.sets for r in s.replicas.values())
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
 
 
 def _reports(pd) -> dict:

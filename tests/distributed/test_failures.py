@@ -39,11 +39,6 @@ def server(replicas):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
-
-
 class Streamer(threading.Thread):
     """One streamed completion on its own thread: tokens seen, and how and when it ended."""
 

@@ -10,7 +10,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import openai
 import pytest
 
 from ponder import LLM, SamplingParams
@@ -45,11 +44,6 @@ def server(replicas):
     yield server
     server.stop()
     assert all(r.state == "stopped" for r in replicas.replicas.values())
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
