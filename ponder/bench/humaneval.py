@@ -16,7 +16,7 @@ import importlib.util
 import json
 import os
 
-from ponder.bench.think_eval import _rate, keep, resume, write_report
+from ponder.bench.think_eval import _rate, keep, paired_difference, resume, write_report
 from ponder.think.voting import pass_at_k
 
 # where a completion-style function ends: the next top-level statement
@@ -30,6 +30,7 @@ def add_parser(cmds) -> argparse.ArgumentParser:
     p.add_argument("--style", choices=["completion", "instruct"], default="completion")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--batch", type=int, default=2, help="problems generated together")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None)
@@ -72,9 +73,7 @@ def passes(problem: dict, sample: str, style: str, timeout: float) -> bool:
 
 
 def cmd_humaneval(args) -> int:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ponder import LLM, SamplingParams
+    from ponder import LLM
     from ponder.config import engine_options
 
     llm = LLM(args.model, **engine_options(args))
@@ -82,29 +81,88 @@ def cmd_humaneval(args) -> int:
     settings = {"model": args.model, "style": args.style, "samples": args.samples, "max_tokens": args.max_tokens,
                 "seed": args.seed, "temperature": args.temperature}
     done = resume(args.progress, settings, "task_id")
-    stops = COMPLETION_STOPS if args.style == "completion" else None
-    for problem in (p for p in problems if p["task_id"] not in done):
-        prompt = (problem["prompt"] if args.style == "completion"
-                  else llm.chat_prompt([{"role": "user", "content": INSTRUCTION.format(prompt=problem["prompt"])}]))
-        greedy = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=args.max_tokens, stop=stops))
-        sampled = llm.generate([prompt], SamplingParams.with_defaults(
-            llm.engine.sampling_defaults, n=args.samples, seed=args.seed, max_tokens=args.max_tokens, stop=stops,
-            temperature=args.temperature))
-        texts = [greedy[0].outputs[0].text] + [c.text for c in sampled[0].outputs]
-        with ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(lambda t: passes(problem, t, args.style, args.timeout), texts))
-        row = {"task_id": problem["task_id"], "greedy": results[0], "samples": results[1:]}
-        keep(done, row, "task_id", args.progress, settings)
+    todo = [p for p in problems if p["task_id"] not in done]
+    for first in range(0, len(todo), args.batch):
+        for row in run_problems(llm, todo[first:first + args.batch], args):
+            keep(done, row, "task_id", args.progress, settings)
         print(f"{len(done)}/{len(problems)} problems", flush=True)
-    report = summarize([done[p["task_id"]] for p in problems], args.samples)
-    write_report({**report, "settings": settings}, args.output)
+    report = {**summarize([done[p["task_id"]] for p in problems], args.samples), "settings": settings}
+    if args.output:
+        report["plot"] = plot_coverage(report, os.path.splitext(args.output)[0] + ".png")
+    write_report(report, args.output)
     return 0
 
 
-def summarize(rows: list[dict], samples: int) -> dict:
-    ks = [k for k in range(1, samples + 1)]
-    n = len(rows)
-    return {"problems": n, "greedy_pass@1": _rate(sum(r["greedy"] for r in rows), n),
-            "pass@k": {k: round(sum(pass_at_k(len(r["samples"]), sum(r["samples"]), k) for r in rows) / n, 4)
-                       for k in ks}}
+def run_problems(llm, problems: list[dict], args) -> list[dict]:
+    """Greedy and the seeded samples of each problem, generated together; each candidate run against
+    the problem's tests, and on its docstring's examples (what execution selection sees)."""
+    from ponder import SamplingParams
+    from ponder.think.execution import behaviours_on_examples, docstring_examples, program_text
+    from ponder.think.sandbox import SandboxLimits
 
+    stops = COMPLETION_STOPS if args.style == "completion" else None
+    prompts = [p["prompt"] if args.style == "completion"
+               else llm.chat_prompt([{"role": "user", "content": INSTRUCTION.format(prompt=p["prompt"])}])
+               for p in problems]
+    greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, stop=stops)
+    # one seed for all: a problem's samples depend only on (seed, prompt), whatever runs beside them
+    sampled = SamplingParams.with_defaults(llm.engine.sampling_defaults, n=args.samples, seed=args.seed,
+                                           max_tokens=args.max_tokens, stop=stops, temperature=args.temperature)
+    outputs = llm.generate(prompts + prompts, [greedy] * len(prompts) + [sampled] * len(prompts), use_tqdm=False)
+    limits = SandboxLimits(wall_s=args.timeout, cpu_s=max(1, int(args.timeout)))
+    rows = []
+    for i, problem in enumerate(problems):
+        texts = [outputs[i].outputs[0].text] + [c.text for c in outputs[len(problems) + i].outputs]
+        code = [problem["prompt"] + cut_completion(t) if args.style == "completion" else program_text(t)
+                for t in texts]
+        passed = [passes(problem, t, args.style, args.timeout) for t in texts]
+        behaviours = behaviours_on_examples(code, docstring_examples(problem["prompt"]), limits)
+        rows.append({"task_id": problem["task_id"], "greedy": passed[0], "samples": passed[1:],
+                     "texts": texts, "behaviours": [list(b) for b in behaviours]})
+    return rows
+
+
+def summarize(rows: list[dict], samples: int) -> dict:
+    """Greedy pass@1, the unbiased pass@k for k = 1…samples (the coverage curve), and execution
+    selection applied to the first k samples of each problem in order (k = 1, 2, 4, …)."""
+    from ponder.think.execution import choose_by_behaviour, docstring_examples
+
+    n = len(rows)
+    report = {"problems": n, "greedy_pass@1": _rate(sum(r["greedy"] for r in rows), n),
+              "pass@k": {k: round(sum(pass_at_k(len(r["samples"]), sum(r["samples"]), k) for r in rows) / n, 4)
+                         for k in range(1, samples + 1)}}
+    if rows and "behaviours" in rows[0]:
+        problems = {p["task_id"]: p for p in load_problems()}
+        report["execution_selected@k"] = {}
+        for k in (k for k in (1, 2, 4, 8, 16, 32) if k <= samples):
+            right = []
+            for r in rows:
+                examples = docstring_examples(problems[r["task_id"]]["prompt"])
+                chosen, _ = choose_by_behaviour([tuple(b) for b in r["behaviours"][1:k + 1]], examples)
+                right.append(r["samples"][chosen])
+            report["execution_selected@k"][k] = {**_rate(sum(right), n),
+                                                 "vs_greedy": paired_difference(right, [r["greedy"] for r in rows])}
+    return report
+
+
+def plot_coverage(report: dict, path: str) -> str:
+    """The coverage of repeated sampling: pass@k against k (log), beside greedy and execution
+    selection."""
+    from ponder.bench.report import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ks = [int(k) for k in report["pass@k"]]
+    ax.plot(ks, [100 * v for v in report["pass@k"].values()], "o-", label="pass@k (coverage)")
+    if "execution_selected@k" in report:
+        selected = report["execution_selected@k"]
+        ax.plot([int(k) for k in selected], [100 * v["accuracy"] for v in selected.values()], "s-",
+                label="execution-selected@k")
+    ax.axhline(100 * report["greedy_pass@1"]["accuracy"], color="gray", ls="--", label="greedy")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("samples k")
+    ax.set_ylabel("problems solved (%)")
+    ax.set_title(f"HumanEval, {report['problems']} problems, {report['settings']['style']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(plt, fig, path)

@@ -4,6 +4,7 @@ voting (PAL) for math, and selection by agreement on the prompt's examples (Code
 from __future__ import annotations
 
 import math
+import re
 
 from ponder.sampling_params import InvalidOption
 from ponder.think.primitives import Gen, ThinkSession
@@ -56,9 +57,7 @@ def execution_selection(s: ThinkSession, n: int = 8, timeout: float = 5.0, style
     same results on every example) form a group, and the group that passes the most examples,
     then the largest, wins. `style`: "completion" (the prompt is the function's signature and
     docstring, the sample its body) or "instruct" (the sample is a reply holding the code)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ponder.think.sandbox import SandboxLimits, run_python
+    from ponder.think.sandbox import SandboxLimits
 
     n = _positive(n, "n")
     if style not in ("completion", "instruct"):
@@ -67,34 +66,79 @@ def execution_selection(s: ThinkSession, n: int = 8, timeout: float = 5.0, style
     branches = yield from _sample(s, n)
     programs = [(s.prompt_text + b.text) if style == "completion" else program_text(b.text) for b in branches]
     limits = SandboxLimits(wall_s=float(timeout), cpu_s=max(1, math.ceil(timeout)))
-    with ThreadPoolExecutor(min(n, 8)) as pool:
-        behaviours = list(pool.map(lambda p: _behaviour(p, examples, limits, run_python), programs))
+    behaviours = behaviours_on_examples(programs, examples, limits)
     s.extra_usage["sandbox_runs"] += len(programs)
-    groups: dict[tuple, list[int]] = {}
-    for i, behaviour in enumerate(behaviours):
-        groups.setdefault(behaviour, []).append(i)
-    def rank(item):
-        behaviour, members = item
-        passed = sum(got == want for got, (_, want) in zip(behaviour, examples)) if behaviour else -1
-        return (passed, len(members), -members[0])
-    best_behaviour, best = max(groups.items(), key=rank)
-    candidates = [Candidate(b.text, None, float(sum(got == want for got, (_, want) in zip(beh, examples)))
-                            if beh else -1.0, b.finish_reason, b.num_output_tokens)
+    chosen_index, groups = choose_by_behaviour(behaviours, examples)
+    candidates = [Candidate(b.text, None, float(examples_passed(beh, examples)) if beh else -1.0,
+                            b.finish_reason, b.num_output_tokens)
                   for b, beh in zip(branches, behaviours)]
-    chosen = candidates[best[0]]
+    best = groups[behaviours[chosen_index]]
+    chosen = candidates[chosen_index]
     return ThinkResult("execution-selection", chosen.text, None, candidates,
                        metrics={"groups": len(groups), "examples": len(examples), "chosen_group": len(best)})
 
 
+# `call => result` lines of a docstring, in the arrows HumanEval's prompts use besides doctest's
+_ARROW_EXAMPLE = re.compile(r"^\s*(?:\*\s*)?([A-Za-z_]\w*\(.*\))\s*(?:==>|=>|➞|==|->)\s*(\S.*?)\s*$")
+
+
 def docstring_examples(prompt: str) -> list[tuple[str, str]]:
-    """(call, expected result) pairs of a docstring's `>>> call` lines and the line after each."""
+    """(call, expected result) pairs of the prompt's examples: doctest's `>>> call` lines and the
+    line after each, and `call ==> result` lines (also `=>`, `➞`, `==`, `->`) that call a function
+    the prompt defines."""
+    defined = set(re.findall(r"^\s*def\s+([A-Za-z_]\w*)\s*\(", prompt, flags=re.MULTILINE))
     lines = prompt.splitlines()
     found = []
-    for i, line in enumerate(lines[:-1]):
+    for i, line in enumerate(lines):
         stripped = line.strip()
-        if stripped.startswith(">>> ") and lines[i + 1].strip() and not lines[i + 1].strip().startswith(">>>"):
-            found.append((stripped[4:], lines[i + 1].strip()))
+        if stripped.startswith(">>> "):
+            after = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            if after and not after.startswith(">>>"):
+                found.append((stripped[4:], after))
+        elif (match := _ARROW_EXAMPLE.match(line)) and match.group(1).split("(")[0] in defined:
+            found.append((match.group(1), match.group(2)))
     return found
+
+
+def examples_passed(behaviour: tuple, examples: list[tuple[str, str]]) -> int:
+    """How many examples a behaviour (the reprs of its results) gets right: compared as Python
+    values where both sides parse as literals (so `6.00` matches 6.0, `true` True), else as text."""
+    return sum(_same_value(got, want) for got, (_, want) in zip(behaviour, examples))
+
+
+def _same_value(got: str, want: str) -> bool:
+    import ast
+
+    want = {"true": "True", "false": "False", "null": "None", "none": "None"}.get(want.lower(), want)
+    try:
+        return ast.literal_eval(got) == ast.literal_eval(want)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return got.strip() == want.strip()
+
+
+def behaviours_on_examples(programs: list[str], examples: list[tuple[str, str]], limits) -> list[tuple]:
+    """Each program's behaviour on the examples (see `_behaviour`), run in the sandbox in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ponder.think.sandbox import run_python
+
+    with ThreadPoolExecutor(max(1, min(len(programs), 8))) as pool:
+        return list(pool.map(lambda p: _behaviour(p, examples, limits, run_python), programs))
+
+
+def choose_by_behaviour(behaviours: list[tuple], examples: list[tuple[str, str]]) -> tuple[int, dict]:
+    """The candidate CodeT-style agreement picks: candidates that behave alike form a group; the group
+    that passes the most examples, then the largest, then the earliest wins; its first member is
+    chosen. Returns (its index, the groups: behaviour -> member indices)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, behaviour in enumerate(behaviours):
+        groups.setdefault(tuple(behaviour), []).append(i)
+
+    def rank(item):
+        behaviour, members = item
+        return (examples_passed(behaviour, examples) if behaviour else -1, len(members), -members[0])
+    _, best = max(groups.items(), key=rank)
+    return best[0], groups
 
 
 def _behaviour(program: str, examples: list[tuple[str, str]], limits, run_python) -> tuple:

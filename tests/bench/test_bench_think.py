@@ -108,6 +108,20 @@ def test_humaneval_report():
     assert report["pass@k"][1] == 0.125 and report["pass@k"][4] == 0.5
 
 
+def test_humaneval_report_selects_by_behaviour_on_the_docstring_examples():
+    from ponder.bench.humaneval import summarize
+
+    # HumanEval/0's docstring has two examples, expecting False then True
+    wrong, right = ["True", "True"], ["False", "True"]
+    row = {"task_id": "HumanEval/0", "greedy": False, "samples": [False, False, True, False],
+           "behaviours": [wrong, wrong, wrong, right, []]}        # the greedy candidate's first
+    report = summarize([row], 4)
+    selected = report["execution_selected@k"]
+    assert selected[1]["correct"] == 0 and selected[2]["correct"] == 0   # only wrong ones seen yet
+    assert selected[4]["correct"] == 1                  # outnumbered 2 to 1, but passes both examples
+    assert selected[4]["vs_greedy"]["only_first_right"] == 1
+
+
 def test_adaptive_consistency_replayed_on_the_pool_stops_where_the_strategy_would():
     from ponder.bench.think_eval import adaptive_on_pool
 

@@ -363,6 +363,18 @@ BODIES = {" ": {"x": 1.0}, "x": {"*": 0.3, "+": 0.5, "-": 0.2}, "*": {"2": 1.0},
           "2": {"EOS": 1.0}, "1": {"EOS": 1.0}}
 
 
+def test_docstring_examples_in_the_arrows_humaneval_uses():
+    from ponder.think.execution import docstring_examples, examples_passed
+
+    prompt = ('def fly(q, w):\n    """Example:\n    fly([1, 2], 5) \u279e False\n    fly([3], 5) ==> true\n'
+              '    * fly([], 1) => True\n    other(1) == 2\n    """\n')
+    assert docstring_examples(prompt) == [("fly([1, 2], 5)", "False"), ("fly([3], 5)", "true"), ("fly([], 1)", "True")]
+    # compared as values where both sides are literals: 6.00 is 6.0, `true` is True; else as text
+    examples = [("a()", "6.00"), ("b()", "true"), ("c()", "[1, 2]"), ("d()", "hello")]
+    assert examples_passed(("6.0", "True", "[1,2]", "hello"), examples) == 4
+    assert examples_passed(("6.01", "False", "[2, 1]", "'hello'"), examples) == 0
+
+
 def test_execution_selection_prefers_what_passes_the_docstring_examples(make_bigram_engine):
     from ponder.think.execution import docstring_examples, execution_selection
 
