@@ -1,6 +1,7 @@
 """What routing over Ray replicas adds to a request's latency: a 1-token request through the
-ReplicaSet front end (router, actor call, the replica's engine, the update channel back) against the
-same request on one in-process AsyncEngine, and the time per streamed token on both paths.
+ReplicaSet front end (router, the hop to the replica, its engine, the batch of outputs back) against
+the same request on one in-process AsyncEngine, and the time per streamed token on both paths; over
+each data plane (channel.py): the socket (the default) and Ray's actor calls and streaming generator.
 
 Both paths serve the same model with the same threads (one replica of `--replica-cpus` CPUs, the
 local engine with as many threads); requests alternate between them one at a time, so neither path
@@ -54,12 +55,12 @@ async def streamed(engine, prompt: list[int], params) -> tuple[float, int]:
     return last - first, tokens - first_tokens
 
 
-async def measure(local, replicas, prompt: list[int], args) -> dict:
+async def measure(local, replica_sets: dict, prompt: list[int], args) -> dict:
     from ponder import SamplingParams
 
     one_token = SamplingParams(temperature=0, max_tokens=1)
     many = SamplingParams(temperature=0, max_tokens=args.stream_tokens, ignore_eos=True)
-    paths = {"one_engine": local, "replicas": replicas}
+    paths = {"one_engine": local, **{f"replicas_{channel}": r for channel, r in replica_sets.items()}}
     for _ in range(args.warmup):
         for engine in paths.values():
             await one_request(engine, prompt, one_token)
@@ -74,11 +75,11 @@ async def measure(local, replicas, prompt: list[int], args) -> dict:
             per_token[name].append(seconds / max(tokens, 1))
     result = {name: {"one_token_request": percentiles(latency[name]),
                      "per_streamed_token": percentiles(per_token[name])} for name in paths}
-    result["added_by_routing"] = {
-        "one_token_request_p50_ms": result["replicas"]["one_token_request"]["p50_ms"]
+    result["added_by_routing"] = {channel: {
+        "one_token_request_p50_ms": result[f"replicas_{channel}"]["one_token_request"]["p50_ms"]
         - result["one_engine"]["one_token_request"]["p50_ms"],
-        "per_streamed_token_p50_ms": result["replicas"]["per_streamed_token"]["p50_ms"]
-        - result["one_engine"]["per_streamed_token"]["p50_ms"]}
+        "per_streamed_token_p50_ms": result[f"replicas_{channel}"]["per_streamed_token"]["p50_ms"]
+        - result["one_engine"]["per_streamed_token"]["p50_ms"]} for channel in replica_sets}
     return result
 
 
@@ -91,10 +92,13 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the packaged default model")
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--replica-cpus", type=int, default=1)
+    parser.add_argument("--channel", action="append", choices=["socket", "ray"], default=None,
+                        help="the replicas' data plane, one replica set each (default: both)")
     parser.add_argument("--output", default=None, help="also write the JSON here")
     args = parser.parse_args()
 
-    with RayCluster(num_cpus=max(2, args.replica_cpus)):
+    channels = args.channel or ["socket", "ray"]
+    with RayCluster(num_cpus=max(2, args.replica_cpus * len(channels))):
         from ponder.config import EngineConfig
         from ponder.distributed.frontend import ReplicaSet
         from ponder.distributed.replica import ReplicaSpec
@@ -103,7 +107,8 @@ def main() -> None:
         from ponder.engine.engine_thread import EngineThread
 
         config = EngineConfig(model=args.model, num_threads=args.replica_cpus, num_kv_blocks=256)
-        replicas = ReplicaSet(ReplicaSpec(config, num_cpus=args.replica_cpus), 1)
+        replica_sets = {channel: ReplicaSet(ReplicaSpec(config, num_cpus=args.replica_cpus, channel=channel), 1)
+                        for channel in channels}
         engine_thread = EngineThread()
         engine = engine_thread.call(lambda: LLMEngine(config))
         prompt = engine.tokenizer.encode(args.prompt)
@@ -111,15 +116,17 @@ def main() -> None:
         async def run() -> dict:
             local = AsyncEngine(engine, engine_thread=engine_thread)
             local.start()
-            replicas.start()
+            for replicas in replica_sets.values():
+                replicas.start()
             try:
-                return await measure(local, replicas, prompt, args)
+                return await measure(local, replica_sets, prompt, args)
             finally:
                 await local.shutdown()
-                await replicas.shutdown()
+                for replicas in replica_sets.values():
+                    await replicas.shutdown()
 
         result = asyncio.run(run())
-    result["config"] = {"model": replicas.info.model_name, "prompt_tokens": len(prompt),
+    result["config"] = {"model": config.model or "smollm2-135m-instruct", "prompt_tokens": len(prompt),
                         "replica_cpus": args.replica_cpus, "requests": args.requests,
                         "stream_requests": args.stream_requests, "stream_tokens": args.stream_tokens}
     text = json.dumps(result, indent=2)

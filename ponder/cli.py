@@ -90,8 +90,10 @@ def cmd_serve(args) -> int:
     if args.replicas is not None and split[0] is not None:
         raise ValueError("--replicas or --prefill-replicas/--decode-replicas, not both")
     distributed = args.replicas is not None or split[0] is not None
-    if not distributed and (args.ray_address or args.router or args.replica_cpus or args.object_store_mb):
-        raise ValueError("--ray-address, --router, --replica-cpus and --object-store-mb go with --replicas N "
+    if not distributed and (args.ray_address or args.router or args.replica_cpus or args.object_store_mb
+                            or args.replica_channel):
+        raise ValueError("--ray-address, --router, --replica-cpus, --replica-channel and --object-store-mb go "
+                         "with --replicas N "
                          "(or --prefill-replicas P --decode-replicas D)")
     for flag, count in (("--replicas", args.replicas), ("--prefill-replicas", split[0]),
                         ("--decode-replicas", split[1])):
@@ -116,7 +118,7 @@ def cmd_serve(args) -> int:
     try:
         serve_replicas(model, engine_options(args), config, args.replicas or 0, args.ray_address,
                        args.router or "prefix-aware", args.replica_cpus or 1, *(count or 0 for count in split),
-                       object_store_mb=args.object_store_mb)
+                       object_store_mb=args.object_store_mb, channel=args.replica_channel or "socket")
     except ClusterError as e:
         print(f"ponder: error: {e}", file=sys.stderr)
         return 2
@@ -175,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--object-store-mb", type=int, default=None, metavar="MB",
                       help="the local Ray cluster's object store, which KV hand-offs pass through (default: 256; "
                            "a cluster joined with --ray-address keeps its own)")
+    dist.add_argument("--replica-channel", default=None, choices=["socket", "ray"],
+                      help="how requests and outputs travel between the front end and the replicas: a TCP "
+                           "connection to each (default; on a multi-node cluster the replicas' nodes must accept "
+                           "it) or Ray's actor calls (slower; P/D replicas always use Ray)")
     dist.add_argument("--replica-cpus", type=int, default=None, metavar="C",
                       help="CPUs each replica takes (its engine's threads unless --num-threads; default: 1)")
     add_engine_arguments(srv)

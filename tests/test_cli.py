@@ -74,6 +74,7 @@ def test_allowed_origins_are_comma_separated_or_repeated():
     (["--replicas", "2", "--prefill-replicas", "1", "--decode-replicas", "1"], "not both"),
     (["--prefill-replicas", "1", "--decode-replicas", "0"], "--decode-replicas must be >= 1, got 0"),
     (["--router", "round-robin"], "go with --replicas N (or --prefill-replicas P --decode-replicas D)"),
+    (["--replica-channel", "ray"], "go with --replicas N (or --prefill-replicas P --decode-replicas D)"),
 ])
 def test_bad_replica_flags_are_a_clear_error_before_anything_starts(argv, message, capsys):
     from ponder.cli import main

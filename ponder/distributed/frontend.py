@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from typing import Callable
 
 import ray
 
+from ponder.distributed.channel import ChannelClosed, RayLink, SocketLink
 from ponder.distributed.cluster import ClusterError, check_cpus
 from ponder.distributed.loop_tasks import LoopTasks
 from ponder.distributed.health import HealthPolicy, describe, watch, within
@@ -69,6 +71,7 @@ class Submission:
 class Replica:
     index: int
     actor: object                     # ray.actor.ActorHandle
+    link: object = None               # how requests reach it: channel.SocketLink or RayLink
     state: str = "starting"           # starting -> serving -> draining | dead | stopped
     info: ReplicaInfo | None = None
     replaces: int | None = None       # the replica this one replaced
@@ -97,6 +100,9 @@ class ReplicaSet(LoopTasks):
         self.on_handoff = on_handoff
         check_cpus(num_replicas, spec.num_cpus, f"{num_replicas} {self.name}s")
         self._actor_class = ray.remote(replica_class)
+        # the data plane: a socket to each replica unless told (or the replica class needs) Ray
+        use_socket = spec.channel == "socket" and replica_class.SOCKET_CHANNEL
+        self._channel_token = secrets.token_bytes(16) if use_socket else None
         self._replicas: dict[int, Replica] = {}
         self._indices = itertools.count()
         self._submissions: dict[str, Submission] = {}     # by engine request id
@@ -104,7 +110,7 @@ class ReplicaSet(LoopTasks):
         self._accepting = False
         started = [self._spawn() for _ in range(num_replicas)]
         try:
-            infos = ray.get([r.actor.ready.remote() for r in started], timeout=ready_timeout)
+            infos = ray.get([r.actor.ready.remote(self._channel_token) for r in started], timeout=ready_timeout)
         except Exception as e:
             for r in started:
                 ray.kill(r.actor, no_restart=True)
@@ -166,12 +172,12 @@ class ReplicaSet(LoopTasks):
             cost = sum(cost_tokens(len(p), params.n, params.max_tokens, self.info.max_model_len) for p in prompts)
         sub = Submission(request_id, [f"{request_id}-{i}" for i in range(len(prompts))], cost)
         await self._submit(sub, prompts[0] if prompts else [],
-                           lambda actor: actor.add.remote(prompts, params, request_id))
+                           lambda link: link.call("add", prompts, params, request_id))
         return sub.stream
 
     async def start_program(self, factory: ProgramFactory, request_id: str, send=None) -> Stream:
         """Start a program on one replica from its description (a dataclass the replica calls with
-        its engine, such as ponder.think.run.ThinkProgram); `send(actor)`: how, if not its start_program."""
+        its engine, such as ponder.think.run.ThinkProgram); `send(link)`: how, if not its start_program."""
         if not dataclasses.is_dataclass(factory) or isinstance(factory, type):
             raise TypeError("replicas start a program from its description (a dataclass instance such as "
                             f"ponder.think.run.ThinkProgram), not from {type(factory).__name__}")
@@ -179,14 +185,14 @@ class ReplicaSet(LoopTasks):
         options = getattr(factory, "options", {})
         cost = len(ids) + int(options.get("n") or 1) * int(options.get("max_tokens") or _THINK_MAX_TOKENS)
         sub = Submission(request_id, [request_id], cost, program=True)
-        await self._submit(sub, ids, send or (lambda actor: actor.start_program.remote(factory, request_id)))
+        await self._submit(sub, ids, send or (lambda link: link.call("start_program", factory, request_id)))
         return sub.stream
 
     async def continue_handoff(self, parent: Submission, ready: HandoffReady) -> None:
         """Continue the handed-off engine request `ready.request_id` of `parent` (a submission of
         the prefill set) on one of these replicas; its outputs go on feeding `parent.stream`."""
         part = Submission(ready.request_id, [ready.request_id], ready.cost_tokens, part_of=parent)
-        await self._submit(part, [], lambda actor: actor.add_handoff.remote(ready.refs, ready.request_id))
+        await self._submit(part, [], lambda link: link.call("add_handoff", ready.refs, ready.request_id))
 
     def abort(self, request_ids: list[str], reason: str = "aborted by the client") -> None:
         """Abort requests (non-blocking); unknown or finished ids are ignored."""
@@ -199,7 +205,7 @@ class ReplicaSet(LoopTasks):
         for index, ids in by_replica.items():
             replica = self._replicas.get(index)
             if replica is not None and replica.state in ("serving", "draining"):
-                replica.actor.abort.remote(ids, reason)
+                replica.link.notify("abort", ids, reason)
 
     async def _submit(self, sub: Submission, prompt_ids: list[int], send) -> None:
         """Place `sub` on the router's replica, or the next one if that one refuses it."""
@@ -215,11 +221,11 @@ class ReplicaSet(LoopTasks):
             replica = self._replicas[index]
             self._register(sub, replica)
             try:
-                error = await send(replica.actor)
+                error = await send(replica.link)
             except asyncio.CancelledError:
                 self.abort(sub.engine_ids)       # it may have been taken: its end comes on the channel
                 raise
-            except ray.exceptions.RayError as e:  # the replica is gone: the channel reports it too
+            except (ray.exceptions.RayError, ChannelClosed) as e:  # the replica is gone: its channel says so too
                 error = WireError("EngineDeadError", describe(e))
             if error is None:
                 return
@@ -249,13 +255,11 @@ class ReplicaSet(LoopTasks):
     async def _pump(self, replica: Replica) -> None:
         """Feed a replica's update channel into its requests' streams until it breaks."""
         try:
-            async for ref in replica.actor.updates.remote():
-                entries = await ref
-                del ref              # nothing here pins the update (and a hand-off's KV in it) past delivery
+            async for entries in replica.link.batches():
                 self._deliver(replica, entries)
-                del entries
+                del entries          # nothing here pins a batch (and a hand-off's KV in it) past delivery
             reason = "its update channel ended"
-        except ray.exceptions.RayError as e:
+        except (ray.exceptions.RayError, ChannelClosed) as e:
             reason = describe(e)
         except Exception as e:       # a fault in delivery: fail the replica's requests rather than hang them
             logger.exception("delivering replica %s's updates failed", replica.index)
@@ -299,13 +303,15 @@ class ReplicaSet(LoopTasks):
             self._forget(sub)
         if replica.pump is not None and replica.pump is not asyncio.current_task():
             replica.pump.cancel()
+        if replica.link is not None:
+            replica.link.close()
         ray.kill(replica.actor, no_restart=True)
 
     async def _replace(self, old: Replica) -> None:
         for attempt in itertools.count():
             replica = self._spawn(replaces=old.index)
             try:
-                info = await within(replica.actor.ready.remote(), self.ready_timeout)
+                info = await within(replica.actor.ready.remote(self._channel_token), self.ready_timeout)
             except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
                 logger.error("%s %d (replacing %d) did not start: %s", self.name, replica.index, old.index,
                              describe(e))
@@ -331,6 +337,8 @@ class ReplicaSet(LoopTasks):
 
     def _serve(self, replica: Replica, info: ReplicaInfo) -> None:
         replica.info, replica.state = info, "serving"
+        replica.link = (SocketLink(info.channel_address, self._channel_token) if info.channel_address
+                        else RayLink(replica.actor))
         self.router.add_replica(replica.index)
 
     # -- observation --------------------------------------------------------------------------------

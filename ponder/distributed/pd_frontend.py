@@ -127,14 +127,14 @@ class DisaggregatedReplicas(LoopTasks):
     async def _start_warmed(self, factory: ProgramFactory, ids: list[int], request_id: str) -> Stream:
         prefilled: list = []                # [the KV's refs or why not]: once, though decode replicas may refuse
 
-        async def send(actor) -> WireError | None:
+        async def send(link) -> WireError | None:
             if not prefilled:
                 prefilled.append(await self._prefill(ids, request_id))
             if isinstance(prefilled[0], WireError):
                 return prefilled[0]
             if self._warming[request_id]:
                 return WireError.of(RequestAborted(ABORTED))     # (the object store frees the KV)
-            error = await actor.start_warmed.remote(prefilled[0], factory, request_id)
+            error = await link.call("start_warmed", prefilled[0], factory, request_id)
             if error is None and self._warming[request_id]:    # aborted while the replica took it
                 self.decode.abort([request_id])
             return error

@@ -51,6 +51,8 @@ ABORTED = "the request was aborted during its hand-off"
 class HandoffReplica(EngineReplica):
     """What both sides share: the fault hook, hand-off counts and timings, and the KV report."""
 
+    SOCKET_CHANNEL = False          # hand-offs carry object references: only Ray's channel may move them
+
     def __init__(self, spec: ReplicaSpec, replica_id: int):
         super().__init__(spec, replica_id)
         self._delays: dict[str, float] = {}

@@ -5,12 +5,13 @@ The class is plain Python — the front end makes it an actor (`ray.remote(...).
 — so another kind of replica (prefill-only, or decoding from a KV hand-off: distributed/pd_replica.py)
 is a subclass that adds its methods, and the front end spawns whichever class it is given.
 
-Requests go in by actor calls (`add`, `start_program`, `abort`), which answer once the engine has
-taken the request or refused it. Everything that comes out of the engine travels on one channel per
-replica: `updates()`, a Ray streaming generator that the front end reads for the replica's lifetime.
-Each item it yields is a batch — what changed for every request since the last one (output deltas,
-wire.py; a program's events and result; an error) — so a step of 64 sequences costs one yield, not
-64. When the replica dies the channel breaks, and the front end fails the replica's requests at once.
+Requests go in by calls (`add`, `start_program`, `abort`), which answer once the engine has taken
+the request or refused it. Everything that comes out of the engine travels on one channel per
+replica: a batch at a time, what changed for every request since the last one (output deltas,
+wire.py; a program's events and result; an error) — so a step of 64 sequences costs one message,
+not 64. Calls and batches go over the replica's data-plane socket (channel.py) when the front end
+asks for one at `ready`, else over Ray (actor calls, and `updates()`, a streaming generator).
+When the replica dies the channel breaks, and the front end fails the replica's requests at once.
 """
 
 from __future__ import annotations
@@ -48,8 +49,13 @@ class ReplicaSpec:
     engine_config: EngineConfig
     max_waiting_requests: int | None = 256     # past it the replica refuses (the front end tries another)
     num_cpus: int = 1                          # the actor's CPUs; the engine's threads unless set
+    channel: str = "socket"                    # the data plane: "socket" (channel.py) or "ray"
     # a test hook of the P/D replicas (pd_replica.py): seconds to pause at a hand-off stage
     handoff_delays: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.channel not in ("socket", "ray"):
+            raise ValueError(f"the replicas' channel must be 'socket' or 'ray', got {self.channel!r}")
 
     def config(self) -> EngineConfig:
         if self.engine_config.num_threads is None:
@@ -70,6 +76,7 @@ class ReplicaInfo:
     sampling_defaults: dict
     eos_token_ids: list[int]
     tokenizer: Tokenizer
+    channel_address: tuple[str, int] | None = None   # its ChannelServer (channel.py); None: over Ray
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
 
@@ -95,6 +102,9 @@ class Outbox:
 class EngineReplica:
     """One engine behind the AsyncEngine, as an actor's methods (all on the actor's event loop)."""
 
+    SOCKET_CHANNEL = True                   # its data plane may be a socket (channel.py), not Ray
+    CHANNEL_METHODS = frozenset({"add", "start_program", "abort"})   # what the socket may call
+
     def __init__(self, spec: ReplicaSpec, replica_id: int):
         self.replica_id = replica_id
         self._engine_thread = EngineThread(f"ponder-replica-{replica_id}")
@@ -108,16 +118,28 @@ class EngineReplica:
         self._encoder = OutputEncoder()
         self._followers: dict[str, asyncio.Task] = {}
         self._started = False
+        self._channel = None
 
-    async def ready(self) -> ReplicaInfo:
-        """Start the engine loop (once) and describe the replica."""
+    async def ready(self, channel_token: bytes | None = None) -> ReplicaInfo:
+        """Start the engine loop (once) and describe the replica; with `channel_token`, also open
+        the data-plane socket (channel.py) that a front end holding the token connects to."""
         if not self._started:
             self.engine.start()
             self._started = True
+        address = None
+        if channel_token is not None and self.SOCKET_CHANNEL:
+            if self._channel is None:
+                import ray
+
+                from ponder.distributed.channel import ChannelServer
+
+                self._channel = ChannelServer(self, self.CHANNEL_METHODS, self._outbox.take, channel_token)
+                self._channel_address = await self._channel.start(ray.util.get_node_ip_address())
+            address = self._channel_address
         engine = self.engine.engine
         return ReplicaInfo(self.model_name, engine.max_model_len, engine.vocab_size, engine.config.max_num_seqs,
                            engine.pool.block_size, engine.pool.num_blocks, dict(engine.sampling_defaults),
-                           list(engine.eos_token_ids), engine.tokenizer)
+                           list(engine.eos_token_ids), engine.tokenizer, address)
 
     # -- requests -------------------------------------------------------------------------------
     async def add(self, prompts: list[list[int]], params: SamplingParams, request_id: str) -> WireError | None:
@@ -142,8 +164,9 @@ class EngineReplica:
 
     # -- the channel ----------------------------------------------------------------------------
     async def updates(self) -> AsyncIterator[list[Entry]]:
-        """The replica's one output channel (a Ray streaming generator; one reader): a batch of
-        entries each time some request progressed, ended or failed."""
+        """The replica's one output channel over Ray (a streaming generator; one reader; unused
+        when the socket carries the batches): a batch of entries each time some request
+        progressed, ended or failed."""
         while True:
             yield await self._outbox.take()
 
@@ -198,3 +221,5 @@ class EngineReplica:
     async def shutdown(self) -> None:
         """Abort what is left and stop the engine thread (the front end then ends the actor)."""
         await self.engine.shutdown()
+        if self._channel is not None:
+            self._channel.close()

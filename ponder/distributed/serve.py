@@ -40,7 +40,8 @@ def replica_app(replicas, config: ServerConfig | None = None) -> FastAPI:
 
 def serve_replicas(model: str | None, engine_options: dict, config: ServerConfig, num_replicas: int = 0,
                    ray_address: str | None = None, policy: str = "prefix-aware", replica_cpus: int = 1,
-                   num_prefill: int = 0, num_decode: int = 0, object_store_mb: int | None = None) -> None:
+                   num_prefill: int = 0, num_decode: int = 0, object_store_mb: int | None = None,
+                   channel: str = "socket") -> None:
     """Start (or join) Ray, start the replicas — `num_replicas` of them, or `num_prefill` prefill
     and `num_decode` decode replicas — serve until a shutdown signal, and clean up."""
     engine_config = EngineConfig.from_options(model, **engine_options)   # bad options: an error before Ray
@@ -49,7 +50,7 @@ def serve_replicas(model: str | None, engine_options: dict, config: ServerConfig
         from ponder.distributed.frontend import ReplicaSet      # imports ray: after the loopback settings
         from ponder.distributed.replica import ReplicaSpec
 
-        spec = ReplicaSpec(engine_config, config.max_waiting_requests, replica_cpus)
+        spec = ReplicaSpec(engine_config, config.max_waiting_requests, replica_cpus, channel=channel)
         if num_prefill or num_decode:
             from ponder.distributed.pd_frontend import DisaggregatedReplicas
 

@@ -261,6 +261,9 @@ def test_health_and_metrics_name_each_replicas_role(server, pd):
         for index in s.replicas:
             assert (f'ponder:prompt_tokens_total{{model_name="{pd.info.model_name}",replica="{index}",'
                     f'role="{s.role}"}}') in text, text
+    # their hand-offs carry object references, which only Ray's channel may move
+    from ponder.distributed.channel import RayLink
+    assert all(isinstance(r.link, RayLink) for s in pd.sets for r in s.replicas.values() if r.state == "serving")
 
 
 def test_a_killed_decode_replica_fails_its_requests_at_once_and_is_replaced(server, client, pd):

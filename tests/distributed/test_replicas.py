@@ -177,6 +177,26 @@ def test_metrics_are_labelled_by_replica_and_health_reports_each(server, replica
     assert [(r["replica"], r["status"]) for r in health["replicas"]] == [(i, "serving") for i in replicas.replicas]
 
 
+def test_the_data_plane_is_a_loopback_socket_that_only_the_token_opens(server, replicas):
+    import asyncio
+
+    from ponder.distributed.channel import SocketLink, read_frame, write_frame
+
+    serving = [r for r in replicas.replicas.values() if r.state == "serving"]
+    assert serving and all(isinstance(r.link, SocketLink) for r in serving)
+    assert all(r.info.channel_address[0] == "127.0.0.1" for r in serving)
+
+    async def knock(address) -> None:           # a stranger's connection: closed without an answer
+        reader, writer = await asyncio.open_connection(*address)
+        write_frame(writer, b"a guessed token!")
+        with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+            await asyncio.wait_for(read_frame(reader), 5)
+        writer.close()
+
+    for r in serving:
+        asyncio.run(knock(r.info.channel_address))
+
+
 def test_too_many_replicas_for_the_cpus_is_an_error_at_once(ray_cluster, tiny_engine_config):
     from ponder.distributed.cluster import ClusterError
     from ponder.distributed.frontend import ReplicaSet
