@@ -28,7 +28,7 @@ from ponder.engine.sequence import PrefixRow, Sequence, SequenceStatus
 from ponder.layers.sampler import SamplingBatch, ranked_candidates, sample
 from ponder.model.loader import LoadedModel
 from ponder.model.runner import ModelRunner, TokenTree
-from ponder.spec.tree import DraftTree
+from ponder.spec.tree import AcceptanceCalibration, DraftTree
 
 
 class DraftModel:
@@ -42,6 +42,8 @@ class DraftModel:
         self.kv = KVCacheManager(self.pool)
         self.runner = ModelRunner(loaded.model, num_blocks, block_size, kv_dtype)
         self.shadows: dict[int, Sequence] = {}      # target seq_id -> its shadow
+        self.calibration = AcceptanceCalibration()  # what the trees' node values learn from verifications
+        self._odds: dict[int, list] = {}            # target seq_id -> its tree's nodes' odds, until verified
 
     def propose(self, seqs: list[Sequence], budgets: list[int]) -> list[list[int]]:
         """Up to budgets[i] draft tokens for each of `seqs` (running target sequences, each with
@@ -70,7 +72,7 @@ class DraftModel:
         ([], []) for one the pool has no room for. A sequence under a grammar drafts a chain (its
         masks are built for one)."""
         shadows = [self._synced(seq) for seq in seqs]
-        trees = [DraftTree(k, width if seq.matcher is None else 1) for seq, k in zip(seqs, budgets)]
+        trees = [DraftTree(k, width if seq.matcher is None else 1, self.calibration) for seq, k in zip(seqs, budgets)]
         active = [i for i in range(len(seqs)) if self._room(shadows, i)]
         if not active:
             return [([], []) for _ in seqs]
@@ -100,7 +102,20 @@ class DraftModel:
         for i in active:                     # the nodes' KV goes; the accepted path is computed next time
             shadows[i].num_computed_tokens = committed[i]
             self.kv.trim(shadows[i])
-        return [trees[i].select() if i in committed else ([], []) for i in range(len(seqs))]
+        drafts, self._odds = [], {}
+        for i, seq in enumerate(seqs):
+            tokens, parents, odds = trees[i].select() if i in committed else ([], [], [])
+            drafts.append((tokens, parents))
+            self._odds[seq.seq_id] = odds
+        return drafts
+
+    def observe_verified(self, seq: Sequence, parents: list[int], tokens: list[int], path: list[int],
+                         drawn: list[int]) -> None:
+        """Teach the calibration what `seq`'s tree's verification showed (AcceptanceCalibration.
+        observe_verified's arguments; a tree the step cut short is a prefix of the proposed one)."""
+        odds = self._odds.pop(seq.seq_id, None)
+        if odds:
+            self.calibration.observe_verified(odds[:len(tokens)], parents, tokens, path, drawn)
 
     def _offer(self, logits, rows: list, owners: list[tuple[DraftTree, int]]) -> None:
         """Each row's best candidates under its node (`owners`: (tree, node) per row)."""

@@ -186,6 +186,8 @@ class Speculation:
             node = child
         if seq.matcher is not None:        # the grammar reads what was kept (its masks allowed each)
             seq.matcher.consume_tokens(appended)
+        if self.method == "tree":          # what the target drew under the root and each accepted node
+            self.draft.observe_verified(seq, parents, draft, path, appended)
         self.record(seq, len(draft), len(path), max((len(p) for p in tree_paths(parents)), default=0))
         moves = [(last + 1 + n, last + 1 + depth) for depth, n in enumerate(path) if n != depth]
         if moves:

@@ -1,9 +1,12 @@
 """Token trees (LLMCad, EAGLE-2 style): the draft expands its likeliest candidates at each depth
 and keeps, under a budget of tokens to verify, the nodes whose paths it finds likeliest.
 
-A node's value is the draft's probability of its whole path (the product of its tokens' sampling
-probabilities), so a child is never worth more than its parent and the best `budget` nodes form a
-tree. Expansion is depth by depth: each round the draft runs on up to `width` nodes of the newest
+A node's value is the chance that the target accepts its whole path: the product, down the path, of
+each token's chance of being accepted once its parent is. That chance is the draft's probability of
+the token, calibrated (`AcceptanceCalibration`) by how often the target has accepted tokens of that
+rank and probability so far: a confident draft's first choice is accepted less often than it
+believes, its second choice more often. A child is never worth more than its parent, so the best
+`budget` nodes form a tree. Expansion is depth by depth: each round the draft runs on up to `width` nodes of the newest
 depth — those still among the best `budget` — and offers `width` candidates under each. Where the
 draft is sure, the tree grows deep like a chain; where it hesitates, it branches, and the target's
 token is more often among the branches than the chain's one guess.
@@ -15,27 +18,67 @@ order the target verifies them in, and the order a chunk cut short keeps a valid
 from __future__ import annotations
 
 
+class AcceptanceCalibration:
+    """How often the target accepts a draft token of a given rank among its parent's candidates
+    and a given draft probability, once its parent is accepted: counted per (rank, probability bin),
+    the estimate starts at the draft's own probability and moves to the observed rate as
+    observations come (`prior` of them weigh as much as the draft's belief)."""
+
+    EDGES = (0.05, 0.15, 0.3, 0.5, 0.7, 0.85, 0.95, 0.99)
+
+    def __init__(self, max_rank: int = 4, prior: float = 8.0):
+        self.max_rank, self.prior = max_rank, prior
+        self.offered = [[0] * (len(self.EDGES) + 1) for _ in range(max_rank)]
+        self.accepted = [[0] * (len(self.EDGES) + 1) for _ in range(max_rank)]
+
+    def _cell(self, rank: int, prob: float) -> tuple[int, int]:
+        return min(rank, self.max_rank - 1), sum(prob >= edge for edge in self.EDGES)
+
+    def estimate(self, rank: int, prob: float) -> float:
+        r, b = self._cell(rank, prob)
+        return (self.accepted[r][b] + self.prior * prob) / (self.offered[r][b] + self.prior)
+
+    def observe(self, rank: int, prob: float, accepted: bool) -> None:
+        r, b = self._cell(rank, prob)
+        self.offered[r][b] += 1
+        self.accepted[r][b] += int(accepted)
+
+    def observe_verified(self, odds: list[tuple[int, float]], parents: list[int], tokens: list[int],
+                         path: list[int], drawn: list[int]) -> None:
+        """What one verification showed: the kept nodes' (rank, probability) `odds`, `parents`
+        and `tokens`; the accepted `path`; the token the target drew under the root and under each
+        node of the path (`drawn`, one more than the path). Each node whose parent was accepted
+        was accepted if it equals the token drawn there."""
+        drawn_under = dict(zip([DraftTree.ROOT] + path, drawn))
+        for node, parent in enumerate(parents):
+            if parent in drawn_under:
+                self.observe(*odds[node], tokens[node] == drawn_under[parent])
+
+
 class DraftTree:
     ROOT = -1
 
-    def __init__(self, budget: int, width: int):
-        self.budget, self.width = budget, width
+    def __init__(self, budget: int, width: int, calibration: AcceptanceCalibration | None = None):
+        self.budget, self.width, self.calibration = budget, width, calibration
         self.tokens: list[int] = []
         self.parents: list[int] = []
         self.values: list[float] = []
         self.depths: list[int] = []
+        self.odds: list[tuple[int, float]] = []   # per node: its rank among its siblings, its draft probability
         self._newest: list[int] = []          # the nodes offered in the latest round
 
     def offer(self, parent: int, tokens: list[int], probs: list[float]) -> None:
         """Candidates under `parent` (ROOT or a node), best first; ones of probability 0 are dropped."""
         base = 1.0 if parent == self.ROOT else self.values[parent]
         depth = 0 if parent == self.ROOT else self.depths[parent] + 1
-        for token, p in zip(tokens, probs):
+        for rank, (token, p) in enumerate(zip(tokens, probs)):
             if p > 0.0:
+                chance = p if self.calibration is None else self.calibration.estimate(rank, p)
                 self.tokens.append(token)
                 self.parents.append(parent)
-                self.values.append(base * p)
+                self.values.append(base * chance)
                 self.depths.append(depth)
+                self.odds.append((rank, p))
                 self._newest.append(len(self.tokens) - 1)
 
     def to_expand(self) -> list[int]:
@@ -59,13 +102,14 @@ class DraftTree:
             node = self.parents[node]
         return path[::-1]
 
-    def select(self) -> tuple[list[int], list[int]]:
-        """The tree to verify: the best `budget` nodes, in offer order, as (tokens, parents) with
-        parents indexing the kept nodes (-1: the root)."""
+    def select(self) -> tuple[list[int], list[int], list[tuple[int, float]]]:
+        """The tree to verify: the best `budget` nodes, in offer order, as (tokens, parents, odds)
+        with parents indexing the kept nodes (-1: the root)."""
         kept = sorted(self._ranked()[:self.budget])
         index = {node: i for i, node in enumerate(kept)}
         return ([self.tokens[n] for n in kept],
-                [self.ROOT if self.parents[n] == self.ROOT else index[self.parents[n]] for n in kept])
+                [self.ROOT if self.parents[n] == self.ROOT else index[self.parents[n]] for n in kept],
+                [self.odds[n] for n in kept])
 
 
 def tree_paths(parents: list[int]) -> list[list[int]]:
