@@ -29,12 +29,16 @@ QWEN_MATH_PROMPT = "Please reason step by step, and put your final answer within
 SPLITS = {"dev": (0, 200), "tune": (200, 800)}
 
 
+VOTE_TEMPERATURES = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)    # the weighted votes' softmax temperatures tried
+
+
 @dataclass
 class Sample:
     answer: str | None
     finish_reason: str | None
     tokens: int
     correct: bool
+    score: float | None = None          # its trace's score (`--score`), what weighted votes weigh
 
     @property
     def votes(self) -> bool:
@@ -55,6 +59,15 @@ def add_parser(cmds) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--system", default=QWEN_MATH_PROMPT)
+    p.add_argument("--score", choices=["confidence", "self-certainty", "none"], default="confidence",
+                   help="each sample's trace score, for confidence-weighted votes (DeepConf's mean confidence, "
+                        "or Self-Certainty)")
+    p.add_argument("--vote-temperature", type=float, default=None,
+                   help="the weighted vote to report against the plain one (softmax of score / T); choose it "
+                        "on the tuning split (default: each of %s)" % (VOTE_TEMPERATURES,))
+    p.add_argument("--live-check", type=int, default=0, metavar="N",
+                   help="also run self-consistency and adaptive consistency live on the first N problems and "
+                        "check they give what the pool says (answer and tokens)")
     p.add_argument("--progress", default=None, help="JSONL of finished problems (resumes from it)")
     p.add_argument("--output", default=None, help="the report, JSON")
     p.set_defaults(bench_func=cmd_think)
@@ -79,14 +92,18 @@ def cmd_think(args) -> int:
     sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k))
                 if v is not None}
     settings = {"model": args.model, "split": args.split, "samples": args.samples, "max_tokens": args.max_tokens,
-                "seed": args.seed, "system": args.system, **sampling}
+                "seed": args.seed, "system": args.system, **sampling,
+                **({"score": args.score} if args.score != "none" else {})}
     done = resume(args.progress, settings, "index")
     todo = [p for p in problems if p["index"] not in done]
     for start in range(0, len(todo), args.batch):
         for row in run_problems(llm, todo[start:start + args.batch], args, sampling):
             keep(done, row, "index", args.progress, settings)
         print(f"{len(done)}/{len(problems)} problems", flush=True)
-    report = summarize([done[p["index"]] for p in problems], args.samples)
+    report = summarize([done[p["index"]] for p in problems], args.samples, args.vote_temperature)
+    if args.live_check:
+        report["live_check"] = live_check(llm, problems[:args.live_check], [done[p["index"]] for p in problems],
+                                          args, sampling)
     write_report({**report, "settings": settings}, args.output)
     if args.output:
         plot_accuracy_vs_tokens(report, os.path.splitext(args.output)[0] + ".png")
@@ -110,23 +127,52 @@ def write_report(report: dict, path: str | None) -> None:
 
 def run_problems(llm, problems: list[dict], args, sampling: dict) -> list[dict]:
     """Greedy and the seeded pool of each problem (the problems of a batch run together)."""
-    prompts = [[{"role": "system", "content": args.system}, {"role": "user", "content": p["question"]}]
-               for p in problems]
+    prompts = _messages(problems, args)
     start = time.perf_counter()
     greedy = llm.think(prompts, "greedy", max_tokens=args.max_tokens)
     # one seed for all: a problem's pool depends only on (seed, prompt), whatever it runs beside
-    pools = llm.think(prompts, "parallel", n=args.samples, max_tokens=args.max_tokens, seed=args.seed, **sampling)
+    score = getattr(args, "score", "none")
+    pools = llm.think(prompts, "parallel", n=args.samples, max_tokens=args.max_tokens, seed=args.seed,
+                      scorer=None if score == "none" else score, **sampling)
     wall = (time.perf_counter() - start) / len(problems)
     rows = []
     for p, g, pool in zip(problems, greedy, pools):
-        samples = [Sample(c.answer, c.finish_reason, c.num_tokens, answers_equal(c.answer, p["reference"]))
-                   for c in pool.candidates]
+        samples = [Sample(c.answer, c.finish_reason, c.num_tokens, answers_equal(c.answer, p["reference"]),
+                          None if c.score is None else round(float(c.score), 5)) for c in pool.candidates]
         rows.append({"index": p["index"], "reference": p["reference"],
                      "greedy": asdict(Sample(g.final_answer, g.candidates[0].finish_reason if g.candidates else None,
                                              g.usage.get("generated_tokens", 0),
                                              answers_equal(g.final_answer, p["reference"]))),
                      "samples": [asdict(s) for s in samples], "usage": pool.usage, "wall_s": round(wall, 2)})
     return rows
+
+
+def _messages(problems: list[dict], args) -> list[list[dict]]:
+    return [[{"role": "system", "content": args.system}, {"role": "user", "content": p["question"]}]
+            for p in problems]
+
+
+def live_check(llm, problems: list[dict], rows: list[dict], args, sampling: dict) -> dict:
+    """Self-consistency and adaptive consistency run live (same seed and sampling) on `problems`,
+    against what the pool (`rows`, the same problems first) says they give: the answer and the
+    generated tokens of each."""
+    prompts = _messages(problems, args)
+    live = {"self-consistency": llm.think(prompts, "self-consistency", n=args.samples, max_tokens=args.max_tokens,
+                                          seed=args.seed, **sampling),
+            "adaptive-consistency": llm.think(prompts, "adaptive-consistency", n=args.samples, wave=4,
+                                              max_tokens=args.max_tokens, seed=args.seed, **sampling)}
+    checks = {}
+    for name, results in live.items():
+        same = []
+        for result, row in zip(results, rows):
+            pool = [Sample(**s) for s in row["samples"]]
+            taken = adaptive_stop(pool) if name == "adaptive-consistency" else len(pool)
+            expected = winner(tally([s.answer if s.votes else None for s in pool[:taken]]))
+            same.append({"answer": result.final_answer == expected,
+                         "tokens": result.usage.get("generated_tokens") == sum(s.tokens for s in pool[:taken])})
+        checks[name] = {"problems": len(same), "same_answer": sum(c["answer"] for c in same),
+                        "same_tokens": sum(c["tokens"] for c in same)}
+    return checks
 
 
 def resume(path: str | None, settings: dict, key: str) -> dict:
@@ -144,7 +190,7 @@ def resume(path: str | None, settings: dict, key: str) -> dict:
 
 
 # -- the report -------------------------------------------------------------------------------------
-def summarize(rows: list[dict], samples: int) -> dict:
+def summarize(rows: list[dict], samples: int, vote_temperature: float | None = None) -> dict:
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= samples]
     pools = [[Sample(**s) for s in row["samples"]] for row in rows]
     greedy = [row["greedy"]["correct"] for row in rows]
@@ -164,6 +210,8 @@ def summarize(rows: list[dict], samples: int) -> dict:
         report["maj@k"][k] = {**_rate(sum(correct), n), "generated_tokens_per_problem":
                               round(sum(s.tokens for pool in pools for s in pool[:k]) / max(n, 1), 1)}
         report["maj@k_vs_greedy"][k] = paired_difference(correct, greedy)
+    if pools and all(s.score is not None for pool in pools for s in pool):
+        report.update(weighted_votes(pools, rows, ks, vote_temperature))
     adaptive = [adaptive_on_pool(pool, row["reference"]) for pool, row in zip(pools, rows)]
     report["adaptive_consistency"] = {**_rate(sum(c for c, _ in adaptive), n),
                                       "generated_tokens_per_problem": round(sum(t for _, t in adaptive) / max(n, 1), 1),
@@ -173,17 +221,51 @@ def summarize(rows: list[dict], samples: int) -> dict:
     return report
 
 
+def weighted_votes(pools: list[list[Sample]], rows: list[dict], ks: list[int],
+                   vote_temperature: float | None) -> dict:
+    """Confidence-weighted votes (CISC) from the pool: for each softmax temperature, each k, the
+    first k samples vote with weights softmax(score / T); against the plain vote, paired. With
+    `vote_temperature` (chosen on the tuning split) that one is reported against maj@k."""
+    from ponder.think.primitives import softmax
+
+    def correct(pool: list[Sample], reference, temperature: float) -> bool:
+        voting = [s for s in pool if s.votes]
+        if not voting:
+            return False
+        weights = softmax([s.score / temperature for s in voting])
+        return answers_equal(winner(tally([s.answer for s in voting], weights)), reference)
+
+    temperatures = [vote_temperature] if vote_temperature is not None else list(VOTE_TEMPERATURES)
+    table = {}
+    for t in temperatures:
+        table[t] = {k: _rate(sum(correct(p[:k], r["reference"], t) for p, r in zip(pools, rows)), len(rows))
+                    for k in ks}
+    out = {"weighted@k": table}
+    if vote_temperature is not None:
+        out["weighted_vs_maj"] = {kk: paired_difference(
+            [correct(p[:kk], r["reference"], vote_temperature) for p, r in zip(pools, rows)],
+            [majority_correct(p[:kk], r["reference"]) for p, r in zip(pools, rows)]) for kk in ks}
+        out["vote_temperature"] = vote_temperature
+    else:                                   # (what the tuning split is for; ties: the flatter)
+        out["best_vote_temperature"] = max(temperatures, key=lambda t: (table[t][ks[-1]]["correct"], t))
+    return out
+
+
+def adaptive_stop(pool: list[Sample], wave: int = 4, confidence: float = 0.95) -> int:
+    """How many of the pool's samples adaptive consistency draws (in waves) before it stops."""
+    from ponder.think.strategies import majority_settled
+
+    for end in range(wave, len(pool) + 1, wave):
+        if majority_settled(tally([s.answer if s.votes else None for s in pool[:end]]), confidence):
+            return end
+    return len(pool)
+
+
 def adaptive_on_pool(pool: list[Sample], reference: str | None, wave: int = 4,
                      confidence: float = 0.95) -> tuple[bool, int]:
     """Adaptive consistency replayed on the pool in order (the strategy draws the same samples):
     whether its answer is right, and the tokens it generated before stopping."""
-    from ponder.think.strategies import majority_settled
-
-    taken = len(pool)
-    for end in range(wave, len(pool) + 1, wave):
-        if majority_settled(tally([s.answer if s.votes else None for s in pool[:end]]), confidence):
-            taken = end
-            break
+    taken = adaptive_stop(pool, wave, confidence)
     return majority_correct(pool[:taken], reference), sum(s.tokens for s in pool[:taken])
 
 

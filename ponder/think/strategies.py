@@ -270,11 +270,12 @@ def _ballots(candidates: list[Candidate]) -> list[str | None]:
 
 
 def _voted(name: str, candidates: list[Candidate], votes: dict[str, float]) -> ThinkResult:
-    """The winning answer; its text is that of its best-scored (else first) candidate."""
+    """The winning answer; its text is that of its best-scored (else first) candidate. No vote
+    cast (every candidate cut at max_tokens or without an answer): no answer."""
     top = winner(votes)
     backers = [i for i, c in enumerate(candidates) if c.answer == top] if top is not None else []
     chosen = candidates[_best(candidates, backers or None)] if candidates else Candidate("", None)
-    return ThinkResult(name, chosen.text, top if top is not None else chosen.answer, candidates, votes=votes)
+    return ThinkResult(name, chosen.text, top, candidates, votes=votes)
 
 
 def _refill(s: ThinkSession, kept: list[Sequence], n: int) -> list[Sequence]:

@@ -72,6 +72,32 @@ def test_a_problem_s_pool_does_not_depend_on_its_batch(make_tiny_engine, problem
     assert together[1]["greedy"] == alone[0]["greedy"]
 
 
+def test_weighted_votes_from_the_pool_sharpen_with_the_temperature():
+    samples = [("3", 0.9), ("7", 0.5), ("7", 0.5), ("7", 0.5)]
+    row = {"reference": "3", "greedy": {"answer": "7", "finish_reason": "stop", "tokens": 1, "correct": False},
+           "samples": [{"answer": a, "finish_reason": "stop", "tokens": 10, "correct": a == "3", "score": c}
+                       for a, c in samples]}
+    report = summarize([row], 4)
+    table = report["weighted@k"]
+    assert report["maj@k"][4]["correct"] == 0                    # three 7s outvote the 3
+    assert table[0.1][4]["correct"] == 1                         # e^9 beats 3 e^5: the confident 3 wins
+    assert table[1.0][4]["correct"] == 0                         # e^0.9 loses to 3 e^0.5
+    assert report["best_vote_temperature"] == 0.2                # the flattest that still gets it
+    chosen = summarize([row], 4, vote_temperature=0.1)
+    assert list(chosen["weighted@k"]) == [0.1] and chosen["weighted_vs_maj"][4]["only_first_right"] == 1
+    assert "weighted@k" not in summarize([_row("3", False, [("3", "stop")])], 1)    # no scores, no weights
+
+
+def test_the_live_strategies_give_what_the_pool_says(make_tiny_engine, problems):
+    llm = LLM.from_engine(make_tiny_engine(weights="q8_0"))
+    args = _args(samples=8, score="confidence")
+    rows = run_problems(llm, problems[:2], args, {"temperature": 1.0})
+    assert all(s["score"] is not None for r in rows for s in r["samples"])
+    checks = think_eval.live_check(llm, problems[:2], rows, args, {"temperature": 1.0})
+    for name in ("self-consistency", "adaptive-consistency"):
+        assert checks[name] == {"problems": 2, "same_answer": 2, "same_tokens": 2}, checks
+
+
 def test_resume_skips_what_was_saved(tmp_path, problems):
     path = tmp_path / "progress.jsonl"
     settings = {"model": "m", "split": "dev"}
