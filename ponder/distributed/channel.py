@@ -10,7 +10,8 @@ microseconds, and a 1-token request pays for two hops. (vLLM splits the same way
 its engine cores, ZeroMQ sockets between them and the API server.)
 
 The connection is authenticated by a random token the front end gives the replica at start (its
-first frame must be that token); the server takes one connection. The replica's process dying
+first frame must be that token, sent raw: nothing is unpickled before it matches); the server takes
+one connection. The replica's process dying
 closes it, which fails that replica's requests at once.
 
 A `RayLink` is the same interface over actor calls and the replica's `updates()` streaming
@@ -38,13 +39,22 @@ class ChannelClosed(ConnectionError):
 
 
 def write_frame(writer: asyncio.StreamWriter, message: object) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.write(_HEADER.pack(len(data)) + data)
+    write_raw(writer, pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 async def read_frame(reader: asyncio.StreamReader) -> object:
+    return pickle.loads(await read_raw(reader))
+
+
+async def read_raw(reader: asyncio.StreamReader, limit: int | None = None) -> bytes:
     (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-    return pickle.loads(await reader.readexactly(size))
+    if limit is not None and size > limit:
+        raise ConnectionError(f"a frame of {size} bytes where at most {limit} were expected")
+    return await reader.readexactly(size)
+
+
+def write_raw(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(_HEADER.pack(len(data)) + data)
 
 
 # -- the replica's side ---------------------------------------------------------------------------
@@ -63,11 +73,11 @@ class ChannelServer:
         return host, self.server.sockets[0].getsockname()[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            token = await asyncio.wait_for(read_frame(reader), 5.0)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, pickle.UnpicklingError):
+        try:                                        # the token comes raw: nothing is unpickled before it
+            token = await asyncio.wait_for(read_raw(reader, limit=len(self.token)), 5.0)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             token = None
-        if self.connected or not isinstance(token, bytes) or not hmac.compare_digest(token, self.token):
+        if self.connected or token is None or not hmac.compare_digest(token, self.token):
             writer.close()                          # one front end per replica, and only with the token
             return
         self.connected, self._writer = True, writer
@@ -145,7 +155,7 @@ class SocketLink:
         """Each batch of entries the replica sends, in order; ChannelClosed when the connection ends."""
         try:
             reader, writer = await asyncio.open_connection(*self.address)
-            write_frame(writer, self.token)
+            write_raw(writer, self.token)
         except OSError as e:
             self._connection_future().set_exception(ChannelClosed(f"cannot connect to {self.address}: {e}"))
             raise ChannelClosed(f"cannot connect to the replica at {self.address}: {e}") from None

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from ponder.distributed.channel import ChannelClosed, ChannelServer, SocketLink, read_frame, write_frame
+from ponder.distributed.channel import ChannelClosed, ChannelServer, SocketLink, read_frame, write_frame, write_raw
 from ponder.distributed.wire import WireError
 
 TOKEN = b"0123456789abcdef"
@@ -31,6 +31,17 @@ class FakeReplica:
 
     async def fail(self):
         raise RuntimeError("the replica's call failed")
+
+
+class Explosive:
+    loaded = False
+
+    def __reduce__(self):
+        return (_explode, ())
+
+
+def _explode():
+    Explosive.loaded = True
 
 
 async def _serve(methods=frozenset({"double", "slow", "note", "fail"})):
@@ -75,11 +86,14 @@ def test_calls_and_batches_over_one_connection():
 def test_only_the_token_opens_it_and_only_once():
     async def run():
         replica, server, address = await _serve()
-        reader, writer = await asyncio.open_connection(*address)
-        write_frame(writer, b"not the token....")
-        with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
-            await asyncio.wait_for(read_frame(reader), 5)      # closed without an answer
-        writer.close()
+        for knock in (lambda w: write_raw(w, b"not the token..."),
+                      lambda w: write_frame(w, Explosive())):       # a pickle first is never unpickled
+            reader, writer = await asyncio.open_connection(*address)
+            knock(writer)
+            with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+                await asyncio.wait_for(read_frame(reader), 5)      # closed without an answer
+            writer.close()
+        assert not Explosive.loaded
         first = SocketLink(address, TOKEN)
         reading = asyncio.create_task(_read_batches(first, []))
         assert await first.call("double", 1) == 2

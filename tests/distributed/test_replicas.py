@@ -180,7 +180,7 @@ def test_metrics_are_labelled_by_replica_and_health_reports_each(server, replica
 def test_the_data_plane_is_a_loopback_socket_that_only_the_token_opens(server, replicas):
     import asyncio
 
-    from ponder.distributed.channel import SocketLink, read_frame, write_frame
+    from ponder.distributed.channel import SocketLink, read_frame, write_raw
 
     serving = [r for r in replicas.replicas.values() if r.state == "serving"]
     assert serving and all(isinstance(r.link, SocketLink) for r in serving)
@@ -188,7 +188,7 @@ def test_the_data_plane_is_a_loopback_socket_that_only_the_token_opens(server, r
 
     async def knock(address) -> None:           # a stranger's connection: closed without an answer
         reader, writer = await asyncio.open_connection(*address)
-        write_frame(writer, b"a guessed token!")
+        write_raw(writer, b"a guessed token!")
         with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
             await asyncio.wait_for(read_frame(reader), 5)
         writer.close()
