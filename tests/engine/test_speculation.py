@@ -222,6 +222,9 @@ def test_a_tree_accepts_more_per_verification_than_a_chain_of_as_many_tokens(mak
         accepted[method] = st["spec_accepted_tokens"] / st["spec_verified_seqs"]
         assert st["spec_draft_tokens"] > 5.5 * st["spec_verified_seqs"]    # 6 a verification, bar the context's end
         engine.pool.check_empty()
+        if method == "tree":                 # the trees' calibration learned from the verifications
+            calibration = engine.speculation.draft.calibration
+            assert sum(map(sum, calibration.offered)) >= st["spec_verified_seqs"]
     assert outputs["tree"] == outputs["draft"]
     assert accepted["tree"] > 1.1 * accepted["draft"], accepted
 
