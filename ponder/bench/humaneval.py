@@ -148,7 +148,7 @@ def summarize(rows: list[dict], samples: int) -> dict:
 def plot_coverage(report: dict, path: str) -> str:
     """The coverage of repeated sampling: pass@k against k (log), beside greedy and execution
     selection."""
-    from ponder.bench.report import pyplot, save_figure
+    from ponder.bench.report import finish_axes, pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -160,9 +160,6 @@ def plot_coverage(report: dict, path: str) -> str:
                 label="execution-selected@k")
     ax.axhline(100 * report["greedy_pass@1"]["accuracy"], color="gray", ls="--", label="greedy")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("samples k")
-    ax.set_ylabel("problems solved (%)")
-    ax.set_title(f"HumanEval, {report['problems']} problems, {report['settings']['style']}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    finish_axes(ax, "samples k", "problems solved (%)",
+                f"HumanEval, {report['problems']} problems, {report['settings']['style']}")
     return save_figure(plt, fig, path)

@@ -175,6 +175,15 @@ def pyplot():
     return plt
 
 
+def finish_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, a title, a light grid and a small legend: how every panel here ends."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def save_figure(plt, fig, path: str, title: str | None = None) -> str:
     """Lay out, write (110 dpi) and close a figure; returns its path."""
     if title:

@@ -278,7 +278,7 @@ def majority_correct(pool: list[Sample], reference: str | None) -> bool:
 def plot_accuracy_vs_tokens(report: dict, path: str) -> str:
     """Accuracy (with its 95% interval) against generated tokens per problem: greedy, maj@k for
     each k, adaptive consistency."""
-    from ponder.bench.report import pyplot, save_figure
+    from ponder.bench.report import finish_axes, pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -289,11 +289,7 @@ def plot_accuracy_vs_tokens(report: dict, path: str) -> str:
         ax.errorbar([x], [y], yerr=[[y - 100 * r["ci95"][0]], [100 * r["ci95"][1] - y]], fmt="o", capsize=3,
                     label=label)
     ax.set_xscale("log")
-    ax.set_xlabel("generated tokens per problem")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"GSM8K, {report['problems']} problems")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    finish_axes(ax, "generated tokens per problem", "accuracy (%)", f"GSM8K, {report['problems']} problems")
     return save_figure(plt, fig, path)
 
 
