@@ -51,12 +51,17 @@ def load_problems(limit: int | None = None) -> list[dict]:
     return problems[:limit] if limit is not None else problems
 
 
-def program(problem: dict, sample: str, style: str) -> str:
-    """The candidate as a script that runs the problem's tests (raises unless they pass)."""
+def candidate_code(problem: dict, sample: str, style: str) -> str:
+    """The function a sample stands for: the prompt and the completion cut at the function's end, or
+    the code block of an instruct reply."""
     from ponder.think.execution import program_text
 
-    code = problem["prompt"] + cut_completion(sample) if style == "completion" else program_text(sample)
-    return f"{code}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    return problem["prompt"] + cut_completion(sample) if style == "completion" else program_text(sample)
+
+
+def program(problem: dict, sample: str, style: str) -> str:
+    """The candidate as a script that runs the problem's tests (raises unless they pass)."""
+    return f"{candidate_code(problem, sample, style)}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
 def cut_completion(text: str) -> str:
@@ -96,8 +101,10 @@ def cmd_humaneval(args) -> int:
 def run_problems(llm, problems: list[dict], args) -> list[dict]:
     """Greedy and the seeded samples of each problem, generated together; each candidate run against
     the problem's tests, and on its docstring's examples (what execution selection sees)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from ponder import SamplingParams
-    from ponder.think.execution import behaviours_on_examples, docstring_examples, program_text
+    from ponder.think.execution import behaviours_on_examples, docstring_examples
     from ponder.think.sandbox import SandboxLimits
 
     stops = COMPLETION_STOPS if args.style == "completion" else None
@@ -113,10 +120,10 @@ def run_problems(llm, problems: list[dict], args) -> list[dict]:
     rows = []
     for i, problem in enumerate(problems):
         texts = [outputs[i].outputs[0].text] + [c.text for c in outputs[len(problems) + i].outputs]
-        code = [problem["prompt"] + cut_completion(t) if args.style == "completion" else program_text(t)
-                for t in texts]
-        passed = [passes(problem, t, args.style, args.timeout) for t in texts]
-        behaviours = behaviours_on_examples(code, docstring_examples(problem["prompt"]), limits)
+        with ThreadPoolExecutor(4) as pool:
+            passed = list(pool.map(lambda t: passes(problem, t, args.style, args.timeout), texts))
+        behaviours = behaviours_on_examples([candidate_code(problem, t, args.style) for t in texts],
+                                            docstring_examples(problem["prompt"]), limits)
         rows.append({"task_id": problem["task_id"], "greedy": passed[0], "samples": passed[1:],
                      "texts": texts, "behaviours": [list(b) for b in behaviours]})
     return rows
@@ -132,13 +139,13 @@ def summarize(rows: list[dict], samples: int) -> dict:
               "pass@k": {k: round(sum(pass_at_k(len(r["samples"]), sum(r["samples"]), k) for r in rows) / n, 4)
                          for k in range(1, samples + 1)}}
     if rows and "behaviours" in rows[0]:
-        problems = {p["task_id"]: p for p in load_problems()}
+        prompts = {p["task_id"]: p["prompt"] for p in load_problems()}
+        examples = [docstring_examples(prompts[r["task_id"]]) for r in rows]
         report["execution_selected@k"] = {}
         for k in (k for k in (1, 2, 4, 8, 16, 32) if k <= samples):
             right = []
-            for r in rows:
-                examples = docstring_examples(problems[r["task_id"]]["prompt"])
-                chosen, _ = choose_by_behaviour([tuple(b) for b in r["behaviours"][1:k + 1]], examples)
+            for r, shown in zip(rows, examples):
+                chosen, _ = choose_by_behaviour([tuple(b) for b in r["behaviours"][1:k + 1]], shown)
                 right.append(r["samples"][chosen])
             report["execution_selected@k"][k] = {**_rate(sum(right), n),
                                                  "vs_greedy": paired_difference(right, [r["greedy"] for r in rows])}

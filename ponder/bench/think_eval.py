@@ -167,7 +167,7 @@ def live_check(llm, problems: list[dict], rows: list[dict], args, sampling: dict
         for result, row in zip(results, rows):
             pool = [Sample(**s) for s in row["samples"]]
             taken = adaptive_stop(pool) if name == "adaptive-consistency" else len(pool)
-            expected = winner(tally([s.answer if s.votes else None for s in pool[:taken]]))
+            expected = winner(tally(ballots(pool[:taken])))
             same.append({"answer": result.final_answer == expected,
                          "tokens": result.usage.get("generated_tokens") == sum(s.tokens for s in pool[:taken])})
         checks[name] = {"problems": len(same), "same_answer": sum(c["answer"] for c in same),
@@ -229,22 +229,19 @@ def weighted_votes(pools: list[list[Sample]], rows: list[dict], ks: list[int],
     from ponder.think.primitives import softmax
 
     def correct(pool: list[Sample], reference, temperature: float) -> bool:
-        voting = [s for s in pool if s.votes]
-        if not voting:
-            return False
-        weights = softmax([s.score / temperature for s in voting])
-        return answers_equal(winner(tally([s.answer for s in voting], weights)), reference)
+        # (the softmax's normaliser is the same for every answer: the samples that cast no vote may share it)
+        weights = softmax([s.score / temperature for s in pool])
+        return answers_equal(winner(tally(ballots(pool), weights)), reference)
 
     temperatures = [vote_temperature] if vote_temperature is not None else list(VOTE_TEMPERATURES)
-    table = {}
-    for t in temperatures:
-        table[t] = {k: _rate(sum(correct(p[:k], r["reference"], t) for p, r in zip(pools, rows)), len(rows))
-                    for k in ks}
+    right = {(t, k): [correct(p[:k], r["reference"], t) for p, r in zip(pools, rows)]
+             for t in temperatures for k in ks}
+    table = {t: {k: _rate(sum(right[t, k]), len(rows)) for k in ks} for t in temperatures}
     out = {"weighted@k": table}
     if vote_temperature is not None:
-        out["weighted_vs_maj"] = {kk: paired_difference(
-            [correct(p[:kk], r["reference"], vote_temperature) for p, r in zip(pools, rows)],
-            [majority_correct(p[:kk], r["reference"]) for p, r in zip(pools, rows)]) for kk in ks}
+        out["weighted_vs_maj"] = {k: paired_difference(right[vote_temperature, k],
+                                                       [majority_correct(p[:k], r["reference"])
+                                                        for p, r in zip(pools, rows)]) for k in ks}
         out["vote_temperature"] = vote_temperature
     else:                                   # (what the tuning split is for; ties: the flatter)
         out["best_vote_temperature"] = max(temperatures, key=lambda t: (table[t][ks[-1]]["correct"], t))
@@ -256,7 +253,7 @@ def adaptive_stop(pool: list[Sample], wave: int = 4, confidence: float = 0.95) -
     from ponder.think.strategies import majority_settled
 
     for end in range(wave, len(pool) + 1, wave):
-        if majority_settled(tally([s.answer if s.votes else None for s in pool[:end]]), confidence):
+        if majority_settled(tally(ballots(pool[:end])), confidence):
             return end
     return len(pool)
 
@@ -269,9 +266,14 @@ def adaptive_on_pool(pool: list[Sample], reference: str | None, wave: int = 4,
     return majority_correct(pool[:taken], reference), sum(s.tokens for s in pool[:taken])
 
 
+def ballots(pool: list[Sample]) -> list[str | None]:
+    """What each sample votes for: its answer, or None (cut at max_tokens, or no answer)."""
+    return [s.answer if s.votes else None for s in pool]
+
+
 def majority_correct(pool: list[Sample], reference: str | None) -> bool:
     """Whether the majority of the voting samples is right (no vote at all: wrong)."""
-    top = winner(tally([s.answer if s.votes else None for s in pool]))
+    top = winner(tally(ballots(pool)))
     return answers_equal(top, reference)
 
 

@@ -38,6 +38,9 @@ class ChannelClosed(ConnectionError):
     """The connection to a replica ended (its process died, or the link was closed)."""
 
 
+_CLOSED = "the connection to the replica closed"
+
+
 def write_frame(writer: asyncio.StreamWriter, message: object) -> None:
     write_raw(writer, pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
@@ -65,8 +68,7 @@ class ChannelServer:
     def __init__(self, replica, methods: frozenset[str], next_batch, token: bytes):
         self.replica, self.methods, self.next_batch, self.token = replica, methods, next_batch, token
         self.server: asyncio.AbstractServer | None = None
-        self.connected = False
-        self._writer: asyncio.StreamWriter | None = None
+        self._writer: asyncio.StreamWriter | None = None   # the front end's connection, once it came
 
     async def start(self, host: str) -> tuple[str, int]:
         self.server = await asyncio.start_server(self._serve, host, 0)
@@ -77,10 +79,10 @@ class ChannelServer:
             token = await asyncio.wait_for(read_raw(reader, limit=len(self.token)), 5.0)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             token = None
-        if self.connected or token is None or not hmac.compare_digest(token, self.token):
+        if self._writer is not None or token is None or not hmac.compare_digest(token, self.token):
             writer.close()                          # one front end per replica, and only with the token
             return
-        self.connected, self._writer = True, writer
+        self._writer = writer
         sender = asyncio.get_running_loop().create_task(self._send_batches(writer))
         answering: set[asyncio.Task] = set()
         try:
@@ -137,7 +139,7 @@ class SocketLink:
         """`replica.<method>(*args)`'s result; ChannelClosed if the connection ends first."""
         writer = await self._connection()
         if writer.is_closing():
-            raise ChannelClosed("the connection to the replica closed")
+            raise ChannelClosed(_CLOSED)
         call_id = next(self._ids)
         self._pending[call_id] = answer = asyncio.get_running_loop().create_future()
         try:
@@ -157,8 +159,9 @@ class SocketLink:
             reader, writer = await asyncio.open_connection(*self.address)
             write_raw(writer, self.token)
         except OSError as e:
-            self._connection_future().set_exception(ChannelClosed(f"cannot connect to {self.address}: {e}"))
-            raise ChannelClosed(f"cannot connect to the replica at {self.address}: {e}") from None
+            error = ChannelClosed(f"cannot connect to the replica at {self.address}: {e}")
+            self._connection_future().set_exception(error)
+            raise error from None
         self._writer = writer
         self._connection_future().set_result(writer)
         try:
@@ -183,9 +186,9 @@ class SocketLink:
             self._writer.close()
         for answer in self._pending.values():
             if not answer.done():
-                answer.set_exception(ChannelClosed("the connection to the replica closed"))
+                answer.set_exception(ChannelClosed(_CLOSED))
         if self._connected is not None and not self._connected.done():
-            self._connected.set_exception(ChannelClosed("the connection to the replica closed"))
+            self._connected.set_exception(ChannelClosed(_CLOSED))
             self._connected.exception()             # (retrieved: nobody may be waiting)
 
     def _connection_future(self) -> asyncio.Future:

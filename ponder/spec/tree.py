@@ -6,8 +6,10 @@ each token's chance of being accepted once its parent is. That chance is the dra
 the token, calibrated (`AcceptanceCalibration`) by how often the target has accepted tokens of that
 rank and probability so far: a confident draft's first choice is accepted less often than it
 believes, its second choice more often. A child is never worth more than its parent, so the best
-`budget` nodes form a tree. Expansion is depth by depth: each round the draft runs on up to `width` nodes of the newest
-depth — those still among the best `budget` — and offers `width` candidates under each. Where the
+`budget` nodes form a tree.
+
+Expansion is depth by depth: each round the draft runs on up to `width` nodes of the newest depth —
+those still among the best `budget` — and offers `width` candidates under each. Where the
 draft is sure, the tree grows deep like a chain; where it hesitates, it branches, and the target's
 token is more often among the branches than the chain's one guess.
 

@@ -13,6 +13,7 @@ import pytest
 
 from ponder.config import EngineConfig
 from tests.conftest import tiny_config, tiny_model, write_hf_folder
+from tests.server.conftest import ServerThread
 
 TINY_OPTIONS = dict(block_size=16, num_kv_blocks=256, max_num_seqs=32)
 
@@ -60,3 +61,15 @@ def ray_cluster():
         folder = cluster.folder
         cluster.stop()
         assert not os.path.exists(folder)
+
+
+def serve_front(front):
+    """A module's `server` fixture body: the HTTP front end over `front` (a ReplicaSet or the P/D
+    pair) on a real port; once stopped, every replica is stopped and no background task is left."""
+    from ponder.distributed.serve import replica_app
+
+    server = ServerThread(None, app=replica_app(front))
+    yield server
+    server.stop()
+    assert all(r.state == "stopped" for s in getattr(front, "sets", (front,)) for r in s.replicas.values())
+    assert all(t.done() for t in front._tasks)

@@ -18,6 +18,7 @@ from ponder import LLM, SamplingParams
 from ponder.config import EngineConfig
 from ponder.layers import quant_linear
 from tests.conftest import tiny_config, tiny_model, write_hf_folder
+from tests.distributed.conftest import serve_front
 from tests.distributed.test_failures import Streamer, _wait
 from tests.distributed.test_replicas import _without_ids
 from tests.server.conftest import ServerThread
@@ -49,19 +50,12 @@ def pd(ray_cluster, config):
     from ponder.distributed.pd_frontend import DisaggregatedReplicas
     from ponder.distributed.replica import ReplicaSpec
 
-    front = DisaggregatedReplicas(ReplicaSpec(config), 1, 1, health=HealthPolicy(interval=0.5))
-    yield front
-    assert not front._tasks or all(t.done() for t in front._tasks)
+    return DisaggregatedReplicas(ReplicaSpec(config), 1, 1, health=HealthPolicy(interval=0.5))
 
 
 @pytest.fixture(scope="module")
 def server(pd):
-    from ponder.distributed.serve import replica_app
-
-    server = ServerThread(None, app=replica_app(pd))
-    yield server
-    server.stop()
-    assert all(r.state == "stopped" for s in pd.sets for r in s.replicas.values())
+    yield from serve_front(pd)
 
 
 def _reports(pd) -> dict:
@@ -279,7 +273,7 @@ def test_a_killed_decode_replica_fails_its_requests_at_once_and_is_replaced(serv
     for s in streams:
         s.join(5)
         assert s.ended_at is not None and s.ended_at - killed_at < 2.0
-        assert s.error and f"decode replica {victim} failed" in s.error, s.error
+        assert s.error and f"decode replica {victim} failed" in s.error, (s.error, s.finish, s.chunks)
     _wait(lambda: any(r.replaces == victim and r.state == "serving" for r in pd.decode.replicas.values()), 30,
           "a replacement decode replica")
     reply = client.completions.create(model=pd.info.model_name, prompt="after the kill", max_tokens=4,

@@ -13,7 +13,7 @@ import pytest
 
 from ponder.config import EngineConfig
 from tests.conftest import tiny_config, tiny_model, write_hf_folder
-from tests.server.conftest import ServerThread
+from tests.distributed.conftest import serve_front
 
 LONG = 3000          # tokens: a few seconds of decoding on the tiny model
 
@@ -32,11 +32,7 @@ def replicas(ray_cluster, tmp_path_factory, tiny_cache):
 
 @pytest.fixture(scope="module")
 def server(replicas):
-    from ponder.distributed.serve import replica_app
-
-    server = ServerThread(None, app=replica_app(replicas))
-    yield server
-    server.stop()
+    yield from serve_front(replicas)
 
 
 class Streamer(threading.Thread):

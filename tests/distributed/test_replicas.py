@@ -16,6 +16,7 @@ from ponder import LLM, SamplingParams
 from ponder.config import EngineConfig
 from ponder.server.app import ServerConfig
 from tests.conftest import tiny_config, tiny_model, write_hf_folder
+from tests.distributed.conftest import serve_front
 from tests.server.conftest import ServerThread
 
 NUM_REQUESTS = 20
@@ -31,19 +32,12 @@ def replicas(ray_cluster, tiny_engine_config):
     from ponder.distributed.frontend import ReplicaSet
     from ponder.distributed.replica import ReplicaSpec
 
-    front = ReplicaSet(ReplicaSpec(tiny_engine_config()), 2)
-    yield front
-    assert not front._tasks or all(t.done() for t in front._tasks)
+    return ReplicaSet(ReplicaSpec(tiny_engine_config()), 2)
 
 
 @pytest.fixture(scope="module")
 def server(replicas):
-    from ponder.distributed.serve import replica_app
-
-    server = ServerThread(None, app=replica_app(replicas))
-    yield server
-    server.stop()
-    assert all(r.state == "stopped" for r in replicas.replicas.values())
+    yield from serve_front(replicas)
 
 
 @pytest.fixture(scope="module")
