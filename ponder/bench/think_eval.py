@@ -26,10 +26,15 @@ from ponder.think.answers import answers_equal, extract_after_hashes
 from ponder.think.voting import pass_at_k, tally, winner
 
 QWEN_MATH_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+PAL_PROMPT = ("Solve the problem by writing a Python program that computes the answer and prints it. Reply with the "
+              "program in one ```python block.")
+STYLES = {"cot": QWEN_MATH_PROMPT, "pal": PAL_PROMPT}      # each style's default system prompt
 SPLITS = {"dev": (0, 200), "tune": (200, 800)}
 
 
 VOTE_TEMPERATURES = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)    # the weighted votes' softmax temperatures tried
+# adaptive consistency's (wave, confidence) tried; (4, 0.95) is the paper's
+ADAPTIVE_SETTINGS = tuple((w, c) for w in (2, 4) for c in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95))
 
 
 @dataclass
@@ -39,6 +44,7 @@ class Sample:
     tokens: int
     correct: bool
     score: float | None = None          # its trace's score (`--score`), what weighted votes weigh
+    text: str | None = None             # the program (pal style: what the logs show about failures)
 
     @property
     def votes(self) -> bool:
@@ -58,13 +64,23 @@ def add_parser(cmds) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--system", default=QWEN_MATH_PROMPT)
+    p.add_argument("--style", choices=sorted(STYLES), default="cot",
+                   help="cot: chain of thought, the boxed answer votes; pal: program of thought, the sandbox runs "
+                        "each sample's program and the number it prints votes")
+    p.add_argument("--system", default=None, help="the system prompt (default: the style's: Qwen's math prompt "
+                                                  "for cot)")
+    p.add_argument("--user", default="{question}", help="the user turn, a template of {question} (choose it "
+                                                        "on the tuning split)")
     p.add_argument("--score", choices=["confidence", "self-certainty", "none"], default="confidence",
                    help="each sample's trace score, for confidence-weighted votes (DeepConf's mean confidence, "
                         "or Self-Certainty)")
     p.add_argument("--vote-temperature", type=float, default=None,
                    help="the weighted vote to report against the plain one (softmax of score / T); choose it "
                         "on the tuning split (default: each of %s)" % (VOTE_TEMPERATURES,))
+    p.add_argument("--adaptive", type=float, nargs=2, default=None, metavar=("WAVE", "CONFIDENCE"),
+                   help="adaptive consistency's wave and stopping confidence to report against maj@all; choose "
+                        "them on the tuning split (default: the paper's 4 and 0.95, and the table over %s)"
+                        % (ADAPTIVE_SETTINGS,))
     p.add_argument("--live-check", type=int, default=0, metavar="N",
                    help="also run self-consistency and adaptive consistency live on the first N problems and "
                         "check they give what the pool says (answer and tokens)")
@@ -91,8 +107,10 @@ def cmd_think(args) -> int:
     problems = load_split(args.data, args.split, args.limit)
     sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k))
                 if v is not None}
+    args.system = STYLES[args.style] if args.system is None else args.system
     settings = {"model": args.model, "split": args.split, "samples": args.samples, "max_tokens": args.max_tokens,
-                "seed": args.seed, "system": args.system, **sampling,
+                "seed": args.seed, "system": args.system, **sampling, **({"style": "pal"} if args.style == "pal" else {}),
+                **({"user": args.user} if args.user != "{question}" else {}),
                 **({"score": args.score} if args.score != "none" else {})}
     done = resume(args.progress, settings, "index")
     todo = [p for p in problems if p["index"] not in done]
@@ -100,7 +118,8 @@ def cmd_think(args) -> int:
         for row in run_problems(llm, todo[start:start + args.batch], args, sampling):
             keep(done, row, "index", args.progress, settings)
         print(f"{len(done)}/{len(problems)} problems", flush=True)
-    report = summarize([done[p["index"]] for p in problems], args.samples, args.vote_temperature)
+    report = summarize([done[p["index"]] for p in problems], args.samples, args.vote_temperature,
+                       _adaptive_setting(args))
     if args.live_check:
         report["live_check"] = live_check(llm, problems[:args.live_check], [done[p["index"]] for p in problems],
                                           args, sampling)
@@ -108,6 +127,15 @@ def cmd_think(args) -> int:
     if args.output:
         plot_accuracy_vs_tokens(report, os.path.splitext(args.output)[0] + ".png")
     return 0
+
+
+def _adaptive_setting(args) -> tuple[int, float] | None:
+    if getattr(args, "adaptive", None) is None:
+        return None
+    wave, confidence = args.adaptive
+    if wave != int(wave) or wave < 1 or not 0.5 <= confidence < 1:
+        raise SystemExit(f"--adaptive: a wave >= 1 (an integer) and a confidence in [0.5, 1), got {args.adaptive}")
+    return int(wave), confidence
 
 
 def keep(done: dict, row: dict, key: str, path: str | None, settings: dict) -> None:
@@ -128,27 +156,37 @@ def write_report(report: dict, path: str | None) -> None:
 def run_problems(llm, problems: list[dict], args, sampling: dict) -> list[dict]:
     """Greedy and the seeded pool of each problem (the problems of a batch run together)."""
     prompts = _messages(problems, args)
+    pal = getattr(args, "style", "cot") == "pal"
     start = time.perf_counter()
-    greedy = llm.think(prompts, "greedy", max_tokens=args.max_tokens)
+    greedy = (llm.think(prompts, "program-of-thought", n=1, temperature=0.0, max_tokens=args.max_tokens) if pal
+              else llm.think(prompts, "greedy", max_tokens=args.max_tokens))
     # one seed for all: a problem's pool depends only on (seed, prompt), whatever it runs beside
     score = getattr(args, "score", "none")
-    pools = llm.think(prompts, "parallel", n=args.samples, max_tokens=args.max_tokens, seed=args.seed,
-                      scorer=None if score == "none" else score, **sampling)
+    pools = llm.think(prompts, "program-of-thought" if pal else "parallel", n=args.samples,
+                      max_tokens=args.max_tokens, seed=args.seed, scorer=None if score == "none" else score,
+                      **sampling)
     wall = (time.perf_counter() - start) / len(problems)
     rows = []
     for p, g, pool in zip(problems, greedy, pools):
         samples = [Sample(c.answer, c.finish_reason, c.num_tokens, answers_equal(c.answer, p["reference"]),
-                          None if c.score is None else round(float(c.score), 5)) for c in pool.candidates]
+                          None if c.score is None else round(float(c.score), 5), c.text if pal else None)
+                   for c in pool.candidates]
         rows.append({"index": p["index"], "reference": p["reference"],
-                     "greedy": asdict(Sample(g.final_answer, g.candidates[0].finish_reason if g.candidates else None,
-                                             g.usage.get("generated_tokens", 0),
-                                             answers_equal(g.final_answer, p["reference"]))),
-                     "samples": [asdict(s) for s in samples], "usage": pool.usage, "wall_s": round(wall, 2)})
+                     "greedy": _row(Sample(g.final_answer, g.candidates[0].finish_reason if g.candidates else None,
+                                           g.usage.get("generated_tokens", 0),
+                                           answers_equal(g.final_answer, p["reference"]),
+                                           text=g.candidates[0].text if pal and g.candidates else None)),
+                     "samples": [_row(s) for s in samples], "usage": pool.usage, "wall_s": round(wall, 2)})
     return rows
 
 
+def _row(sample: Sample) -> dict:
+    return {k: v for k, v in asdict(sample).items() if k != "text" or v is not None}
+
+
 def _messages(problems: list[dict], args) -> list[list[dict]]:
-    return [[{"role": "system", "content": args.system}, {"role": "user", "content": p["question"]}]
+    user = getattr(args, "user", "{question}")
+    return [[{"role": "system", "content": args.system}, {"role": "user", "content": user.format(question=p["question"])}]
             for p in problems]
 
 
@@ -157,16 +195,20 @@ def live_check(llm, problems: list[dict], rows: list[dict], args, sampling: dict
     against what the pool (`rows`, the same problems first) says they give: the answer and the
     generated tokens of each."""
     prompts = _messages(problems, args)
-    live = {"self-consistency": llm.think(prompts, "self-consistency", n=args.samples, max_tokens=args.max_tokens,
-                                          seed=args.seed, **sampling),
-            "adaptive-consistency": llm.think(prompts, "adaptive-consistency", n=args.samples, wave=4,
-                                              max_tokens=args.max_tokens, seed=args.seed, **sampling)}
+    wave, confidence = _adaptive_setting(args) or (4, 0.95)
+    options = {"n": args.samples, "max_tokens": args.max_tokens, "seed": args.seed, **sampling}
+    if getattr(args, "style", "cot") == "pal":
+        live = {"program-of-thought": llm.think(prompts, "program-of-thought", **options),
+                "adaptive": llm.think(prompts, "program-of-thought", wave=wave, confidence=confidence, **options)}
+    else:
+        live = {"self-consistency": llm.think(prompts, "self-consistency", **options),
+                "adaptive": llm.think(prompts, "adaptive-consistency", wave=wave, confidence=confidence, **options)}
     checks = {}
     for name, results in live.items():
         same = []
         for result, row in zip(results, rows):
             pool = [Sample(**s) for s in row["samples"]]
-            taken = adaptive_stop(pool) if name == "adaptive-consistency" else len(pool)
+            taken = adaptive_stop(pool, wave, confidence) if name == "adaptive" else len(pool)
             expected = winner(tally(ballots(pool[:taken])))
             same.append({"answer": result.final_answer == expected,
                          "tokens": result.usage.get("generated_tokens") == sum(s.tokens for s in pool[:taken])})
@@ -190,7 +232,8 @@ def resume(path: str | None, settings: dict, key: str) -> dict:
 
 
 # -- the report -------------------------------------------------------------------------------------
-def summarize(rows: list[dict], samples: int, vote_temperature: float | None = None) -> dict:
+def summarize(rows: list[dict], samples: int, vote_temperature: float | None = None,
+              adaptive: tuple[int, float] | None = None) -> dict:
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= samples]
     pools = [[Sample(**s) for s in row["samples"]] for row in rows]
     greedy = [row["greedy"]["correct"] for row in rows]
@@ -212,13 +255,31 @@ def summarize(rows: list[dict], samples: int, vote_temperature: float | None = N
         report["maj@k_vs_greedy"][k] = paired_difference(correct, greedy)
     if pools and all(s.score is not None for pool in pools for s in pool):
         report.update(weighted_votes(pools, rows, ks, vote_temperature))
-    adaptive = [adaptive_on_pool(pool, row["reference"]) for pool, row in zip(pools, rows)]
-    report["adaptive_consistency"] = {**_rate(sum(c for c, _ in adaptive), n),
-                                      "generated_tokens_per_problem": round(sum(t for _, t in adaptive) / max(n, 1), 1),
-                                      "vs_maj@all": paired_difference([c for c, _ in adaptive],
-                                                                      [majority_correct(p, r["reference"])
-                                                                       for p, r in zip(pools, rows)])}
+    report.update(adaptive_report(pools, rows, adaptive))
     return report
+
+
+def adaptive_report(pools: list[list[Sample]], rows: list[dict], chosen: tuple[int, float] | None) -> dict:
+    """Adaptive consistency replayed on the pool: with `chosen` (wave, confidence), picked on the
+    tuning split, that one against maj@all, paired; without, the paper's (4, 0.95) and the table
+    over ADAPTIVE_SETTINGS, with the cheapest setting within a point of maj@all."""
+    full = [majority_correct(p, r["reference"]) for p, r in zip(pools, rows)]
+    full_tokens = sum(s.tokens for p in pools for s in p)
+
+    def replay(wave: int, confidence: float) -> dict:
+        runs = [adaptive_on_pool(pool, row["reference"], wave, confidence) for pool, row in zip(pools, rows)]
+        tokens = sum(t for _, t in runs)
+        return {**_rate(sum(c for c, _ in runs), len(rows)), "wave": wave, "confidence": confidence,
+                "generated_tokens_per_problem": round(tokens / max(len(rows), 1), 1),
+                "tokens_vs_maj@all": round(tokens / max(full_tokens, 1), 4),
+                "vs_maj@all": paired_difference([c for c, _ in runs], full)}
+
+    if chosen is not None:
+        return {"adaptive_consistency": replay(*chosen)}
+    table = {f"wave{w}@{c}": replay(w, c) for w, c in ADAPTIVE_SETTINGS}
+    near = [key for key, r in table.items() if r["correct"] >= sum(full) - 0.01 * len(rows)]
+    return {"adaptive_consistency": table["wave4@0.95"], "adaptive@": table,
+            "best_adaptive": min(near, key=lambda key: table[key]["tokens_vs_maj@all"]) if near else None}
 
 
 def weighted_votes(pools: list[list[Sample]], rows: list[dict], ks: list[int],

@@ -9,31 +9,57 @@ import re
 from ponder.sampling_params import InvalidOption
 from ponder.think.primitives import Gen, ThinkSession
 from ponder.think.result import Candidate, ThinkResult
-from ponder.think.strategies import _ballots, _positive, _sample, _voted
+from ponder.think.strategies import _ballots, _positive, _prepare, _sample, _voted
 from ponder.think.voting import tally
 
 
-def program_of_thought(s: ThinkSession, n: int = 8, timeout: float = 5.0) -> Gen[ThinkResult]:
+def program_of_thought(s: ThinkSession, n: int = 8, timeout: float = 5.0, scorer=None, wave: int | None = None,
+                       confidence: float = 0.95) -> Gen[ThinkResult]:
     """Program-of-thought voting (PAL): each of n samples is a Python program (its last ```python
     block, else its whole text); the sandbox runs them all at once, and the last number each
     prints is its vote. A program that fails, times out or prints no number casts none; so does
-    one cut at max_tokens. The prompt asks for the program (the caller's part)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ponder.think.sandbox import SandboxLimits, run_python
+    one cut at max_tokens. The prompt asks for the program (the caller's part). A `scorer` scores
+    each program's trace (the candidates' scores; the vote stays one per program). With `wave`,
+    the programs come in waves and stop as adaptive consistency does (the same Beta rule at
+    `confidence`), drawing the first samples of the n-sample pool (the same seeds)."""
+    from ponder.think.sandbox import SandboxLimits
+    from ponder.think.strategies import majority_settled
 
     n = _positive(n, "n")
+    wave = n if wave is None else _positive(wave, "wave")
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 60:
         raise InvalidOption("timeout", f"timeout must be in (0, 60] seconds, got {timeout!r}")
-    branches = yield from _sample(s, n)
+    if not 0.5 <= confidence < 1.0:
+        raise InvalidOption("confidence", f"confidence must be in [0.5, 1), got {confidence!r}")
+    scorer = _prepare(s, scorer)
     limits = SandboxLimits(wall_s=float(timeout), cpu_s=max(1, math.ceil(timeout)))
-    # (the engine waits for them: at most `timeout`, all n in parallel)
-    with ThreadPoolExecutor(min(n, 8)) as pool:
-        runs = list(pool.map(lambda b: run_python(program_text(b.text), limits=limits), branches))
-    s.extra_usage["sandbox_runs"] += len(runs)
-    candidates = [Candidate(b.text, extract_last_number_answer(run.stdout) if run.ok else None, None,
-                            b.finish_reason, b.num_output_tokens) for b, run in zip(branches, runs)]
+    root = yield from s.start()
+    candidates: list[Candidate] = []
+    while len(candidates) < n:
+        branches = s.fork(root, min(wave, n - len(candidates)))
+        yield from s.generate(branches)
+        scores = (yield from s.score(branches, scorer)) if scorer is not None else [None] * len(branches)
+        answers = run_programs([program_text(b.text) for b in branches], limits)
+        s.extra_usage["sandbox_runs"] += len(branches)
+        candidates += [Candidate(b.text, answer, score, b.finish_reason, b.num_output_tokens)
+                       for b, answer, score in zip(branches, answers, scores)]
+        if wave < n and majority_settled(tally(_ballots(candidates)), confidence):
+            break
+    if wave < n:
+        s.emit("stopped", samples=len(candidates), of=n)
     return _voted("program-of-thought", candidates, tally(_ballots(candidates)))
+
+
+def run_programs(programs: list[str], limits) -> list[str | None]:
+    """The last number each program prints, run in the sandbox all at once (the engine waits for
+    them: at most the wall-clock limit); None where one fails, times out or prints no number."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ponder.think.sandbox import run_python
+
+    with ThreadPoolExecutor(max(1, min(len(programs), 8))) as pool:
+        runs = list(pool.map(lambda program: run_python(program, limits=limits), programs))
+    return [extract_last_number_answer(run.stdout) if run.ok else None for run in runs]
 
 
 def program_text(text: str) -> str:

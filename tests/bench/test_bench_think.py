@@ -94,7 +94,7 @@ def test_the_live_strategies_give_what_the_pool_says(make_tiny_engine, problems)
     rows = run_problems(llm, problems[:2], args, {"temperature": 1.0})
     assert all(s["score"] is not None for r in rows for s in r["samples"])
     checks = think_eval.live_check(llm, problems[:2], rows, args, {"temperature": 1.0})
-    for name in ("self-consistency", "adaptive-consistency"):
+    for name in ("self-consistency", "adaptive"):
         assert checks[name] == {"problems": 2, "same_answer": 2, "same_tokens": 2}, checks
 
 

@@ -301,6 +301,39 @@ def test_program_of_thought_votes_with_what_the_programs_print(make_bigram_engin
     _finish(s, engine)
 
 
+def test_program_of_thought_scores_each_program_and_still_votes_one_each(make_bigram_engine):
+    from ponder.think.execution import program_of_thought
+
+    engine = make_bigram_engine(PROGRAMS)
+    s = _session(engine)
+    # the score: 1 for the programs that multiply; the vote must not follow it
+    scorer = Recorder(lambda ids: float("*" in engine.tokenizer.decode(list(ids))))
+    result = s.run(program_of_thought(s, n=12, timeout=5.0, scorer=scorer))
+    assert [c.score for c in result.candidates] == [float("*" in c.text) for c in result.candidates]
+    assert len(scorer.calls) == 1 and s.usage()["scorer_calls"] == 12
+    assert result.votes == dict(Counter(c.answer for c in result.candidates if c.answer is not None))
+    _finish(s, engine)
+
+
+def test_program_of_thought_in_waves_stops_once_settled_on_the_pool_s_first_programs(make_bigram_engine):
+    from ponder.think.execution import program_of_thought
+    from ponder.think.strategies import majority_settled
+
+    engine = make_bigram_engine(PROGRAMS)
+    s = _session(engine)
+    waves = s.run(program_of_thought(s, n=16, wave=2, confidence=0.8))
+    _finish(s, engine)
+    s = _session(engine)
+    pool = s.run(program_of_thought(s, n=16))
+    _finish(s, engine)
+    k = len(waves.candidates)
+    assert k % 2 == 0 and [c.text for c in waves.candidates] == [c.text for c in pool.candidates[:k]]
+    votes = lambda cands: Counter(c.answer for c in cands if c.answer is not None)     # noqa: E731
+    assert majority_settled(votes(waves.candidates), 0.8) or k == 16
+    assert not any(majority_settled(votes(pool.candidates[:j]), 0.8) for j in range(2, k, 2))
+    assert waves.votes == dict(votes(waves.candidates))
+
+
 def test_program_text_takes_the_last_fenced_block():
     from ponder.think.execution import program_text
 
