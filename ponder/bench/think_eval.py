@@ -28,7 +28,11 @@ from ponder.think.voting import pass_at_k, tally, winner
 QWEN_MATH_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 PAL_PROMPT = ("Solve the problem by writing a Python program that computes the answer and prints it. Reply with the "
               "program in one ```python block.")
-STYLES = {"cot": QWEN_MATH_PROMPT, "pal": PAL_PROMPT}      # each style's default system prompt
+PAL_USER = ("{question}\n\nWrite a Python program that solves this problem and prints the final answer as a number. "
+            "Reply with only the program, in one ```python block.")
+# each style's (system prompt, user turn); pal's chosen on the tuning split
+# (benchmarks/results/think-pal-prompt-tune-qwen0.5b.json)
+STYLES = {"cot": (QWEN_MATH_PROMPT, "{question}"), "pal": (PAL_PROMPT, PAL_USER)}
 SPLITS = {"dev": (0, 200), "tune": (200, 800)}
 
 
@@ -67,10 +71,10 @@ def add_parser(cmds) -> argparse.ArgumentParser:
     p.add_argument("--style", choices=sorted(STYLES), default="cot",
                    help="cot: chain of thought, the boxed answer votes; pal: program of thought, the sandbox runs "
                         "each sample's program and the number it prints votes")
-    p.add_argument("--system", default=None, help="the system prompt (default: the style's: Qwen's math prompt "
+    p.add_argument("--system", default=None, help="the system prompt (default: the style's; Qwen's math prompt "
                                                   "for cot)")
-    p.add_argument("--user", default="{question}", help="the user turn, a template of {question} (choose it "
-                                                        "on the tuning split)")
+    p.add_argument("--user", default=None, help="the user turn, a template of {question} (default: the style's; "
+                                                "choose it on the tuning split)")
     p.add_argument("--score", choices=["confidence", "self-certainty", "none"], default="confidence",
                    help="each sample's trace score, for confidence-weighted votes (DeepConf's mean confidence, "
                         "or Self-Certainty)")
@@ -107,7 +111,9 @@ def cmd_think(args) -> int:
     problems = load_split(args.data, args.split, args.limit)
     sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k))
                 if v is not None}
-    args.system = STYLES[args.style] if args.system is None else args.system
+    system, user = STYLES[args.style]
+    args.system = system if args.system is None else args.system
+    args.user = user if args.user is None else args.user
     settings = {"model": args.model, "split": args.split, "samples": args.samples, "max_tokens": args.max_tokens,
                 "seed": args.seed, "system": args.system, **sampling, **({"style": "pal"} if args.style == "pal" else {}),
                 **({"user": args.user} if args.user != "{question}" else {}),

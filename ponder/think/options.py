@@ -91,14 +91,15 @@ OPTIONS = {o.name: o for o in [
     StrategyOption("top_logprobs", _top_logprobs, None, "logprobs a confidence scorer reads per token"),
     StrategyOption("keep_top", _number, float, "deepconf: 0.9 (high) or 0.1 (low)"),
     StrategyOption("consensus", _number, float, "deepconf: vote share that stops all"),
-    StrategyOption("wave", _count, int, "adaptive consistency: samples drawn at a time"),
+    StrategyOption("wave", _count, int, "adaptive consistency, program of thought: samples drawn at a "
+                                        "time (program of thought: all at once unless set)"),
     StrategyOption("vote_temperature", _number, float, "self-consistency weighted: softmax temperature of the "
                                                        "scores (CISC)"),
     StrategyOption("timeout", _number, float, "program of thought, execution selection: seconds a program may run"),
     StrategyOption("style", _string, str, "execution selection: how a sample holds its code",
                    ("completion", "instruct")),
-    StrategyOption("confidence", _number, float, "adaptive consistency: posterior that the leading answer "
-                                                 "leads, to stop"),
+    StrategyOption("confidence", _number, float, "adaptive consistency, program of thought in waves: "
+                                                 "posterior that the leading answer leads, to stop"),
     StrategyOption("vote", _string, str, "self-consistency: how answers are counted", ("majority", "weighted")),
     StrategyOption("scorer", _scorer, str, ", ".join(SCORER_NAMES)),
     StrategyOption("reference", _reference, str, "parallel: the right answer, for pass@k"),

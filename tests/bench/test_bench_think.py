@@ -155,3 +155,19 @@ def test_adaptive_consistency_replayed_on_the_pool_stops_where_the_strategy_woul
     assert adaptive_on_pool(agree, "7") == (True, 40)                  # the first wave of 4 settles it
     split = [Sample(a, "stop", 10, a == "7") for a in ["7", "3"] * 8]
     assert adaptive_on_pool(split, "7") == (True, 160)                 # never settled: all 16, 7 seen first
+
+
+def test_adaptive_settings_table_names_the_cheapest_within_a_point_and_a_chosen_one_is_reported_alone():
+    # problem 1: 3 of the first 4 agree (posterior 0.81), then all vote 7; problem 2: a 2-2 split, then
+    # 6-2 after 8 (posterior 0.91)
+    first = _row("7", True, [("7", "stop")] * 3 + [("3", "stop")] + [("7", "stop")] * 12)
+    second = _row("5", False, [("5", "stop"), ("5", "stop"), ("2", "stop"), ("2", "stop")] + [("5", "stop")] * 12)
+    report = summarize([first, second], 16)
+    table = report["adaptive@"]
+    assert table["wave4@0.8"]["tokens_vs_maj@all"] == round((40 + 80) / 320, 4)
+    assert table["wave4@0.95"]["tokens_vs_maj@all"] < 1 and report["adaptive_consistency"] == table["wave4@0.95"]
+    assert table["wave2@0.5"]["correct"] == 2 and table["wave2@0.5"]["tokens_vs_maj@all"] == round(40 / 320, 4)
+    assert report["best_adaptive"] == "wave2@0.5"                    # the cheapest that loses nothing here
+    chosen = summarize([first, second], 16, adaptive=(4, 0.8))
+    assert "adaptive@" not in chosen and chosen["adaptive_consistency"]["wave"] == 4
+    assert chosen["adaptive_consistency"]["vs_maj@all"]["difference"] == 0.0
