@@ -16,7 +16,8 @@ import importlib.util
 import json
 import os
 
-from ponder.bench.think_eval import _rate, keep, paired_difference, resume, write_report
+from ponder.bench.pool_stats import paired_difference, rate
+from ponder.bench.think_eval import keep, resume, write_report
 from ponder.think.voting import pass_at_k
 
 # where a completion-style function ends: the next top-level statement
@@ -135,7 +136,7 @@ def summarize(rows: list[dict], samples: int) -> dict:
     from ponder.think.execution import choose_by_behaviour, docstring_examples
 
     n = len(rows)
-    report = {"problems": n, "greedy_pass@1": _rate(sum(r["greedy"] for r in rows), n),
+    report = {"problems": n, "greedy_pass@1": rate(sum(r["greedy"] for r in rows), n),
               "pass@k": {k: round(sum(pass_at_k(len(r["samples"]), sum(r["samples"]), k) for r in rows) / n, 4)
                          for k in range(1, samples + 1)}}
     if rows and "behaviours" in rows[0]:
@@ -147,7 +148,7 @@ def summarize(rows: list[dict], samples: int) -> dict:
             for r, shown in zip(rows, examples):
                 chosen, _ = choose_by_behaviour([tuple(b) for b in r["behaviours"][1:k + 1]], shown)
                 right.append(r["samples"][chosen])
-            report["execution_selected@k"][k] = {**_rate(sum(right), n),
+            report["execution_selected@k"][k] = {**rate(sum(right), n),
                                                  "vs_greedy": paired_difference(right, [r["greedy"] for r in rows])}
     return report
 

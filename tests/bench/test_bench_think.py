@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from ponder.bench import think_eval
-from ponder.bench.think_eval import Sample, paired_difference, run_problems, summarize, wilson
+from ponder.bench import pool_stats, think_eval
+from ponder.bench.pool_stats import Sample, paired_difference, summarize, wilson
+from ponder.bench.think_eval import run_problems
 from ponder.llm import LLM
 
 
@@ -41,7 +42,7 @@ def test_report_counts_votes_from_the_pool_in_order():
 
 def test_the_plot_of_accuracy_against_tokens_is_written(tmp_path):
     rows = [_row("7", False, [("7", "stop"), ("3", "stop")]), _row("5", True, [("5", "stop"), ("2", "stop")])]
-    path = think_eval.plot_accuracy_vs_tokens(summarize(rows, 2), str(tmp_path / "think.png"))
+    path = pool_stats.plot_accuracy_vs_tokens(summarize(rows, 2), str(tmp_path / "think.png"))
     assert (tmp_path / "think.png").stat().st_size > 1000 and path.endswith("think.png")
 
 
@@ -149,7 +150,7 @@ def test_humaneval_report_selects_by_behaviour_on_the_docstring_examples():
 
 
 def test_adaptive_consistency_replayed_on_the_pool_stops_where_the_strategy_would():
-    from ponder.bench.think_eval import adaptive_on_pool
+    from ponder.bench.pool_stats import adaptive_on_pool
 
     agree = [Sample("7", "stop", 10, True)] * 16
     assert adaptive_on_pool(agree, "7") == (True, 40)                  # the first wave of 4 settles it
@@ -171,3 +172,13 @@ def test_adaptive_settings_table_names_the_cheapest_within_a_point_and_a_chosen_
     chosen = summarize([first, second], 16, adaptive=(4, 0.8))
     assert "adaptive@" not in chosen and chosen["adaptive_consistency"]["wave"] == 4
     assert chosen["adaptive_consistency"]["vs_maj@all"]["difference"] == 0.0
+
+
+def test_a_pool_against_another_is_paired_on_the_problems_both_hold():
+    ours = [{"index": i, **_row("7", False, [("7", "stop")] * 2)} for i in (1, 2, 3)]
+    theirs = [{"index": i, **_row("7", False, [("3", "stop")] * 2 if i == 2 else [("7", "stop")] * 2)} for i in (2, 3, 4)]
+    diff = pool_stats.compare_pools(ours, theirs, [1, 2, 4])
+    assert diff["problems"] == 2 and set(diff) == {"problems", "maj@1", "maj@2"}       # no pool holds 4 samples
+    assert diff["maj@2"]["difference"] == 0.5 and diff["maj@2"]["only_first_right"] == 1
+    with pytest.raises(ValueError, match="no problem"):
+        pool_stats.compare_pools(ours, [{"index": 9, **_row("7", False, [])}], [1])

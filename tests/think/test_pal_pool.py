@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ponder.bench import think_eval
+from ponder.bench import pool_stats, think_eval
 from ponder.llm import LLM
 from ponder.think.execution import extract_last_number_answer, program_text
 from ponder.think.sandbox import run_python
@@ -35,6 +35,6 @@ def test_the_pal_pool_votes_with_what_each_program_prints(make_bigram_engine, tm
     assert row["usage"]["sandbox_runs"] == 8
     checks = think_eval.live_check(llm, problems, [row], args, {"temperature": 1.0})
     assert checks == {name: {"problems": 1, "same_answer": 1, "same_tokens": 1} for name in ("program-of-thought", "adaptive")}
-    report = think_eval.summarize([row], 8)
-    assert report["maj@k"][8]["correct"] == int(think_eval.majority_correct(
-        [think_eval.Sample(**s) for s in row["samples"]], "42"))
+    report = pool_stats.summarize([row], 8)
+    assert report["maj@k"][8]["correct"] == int(pool_stats.majority_correct(
+        [pool_stats.Sample(**s) for s in row["samples"]], "42"))
