@@ -9,7 +9,7 @@ import re
 from ponder.sampling_params import InvalidOption
 from ponder.think.primitives import Gen, ThinkSession
 from ponder.think.result import Candidate, ThinkResult
-from ponder.think.strategies import _ballots, _positive, _prepare, _sample, _voted
+from ponder.think.strategies import _ballots, _positive, _prepare, _sample, _scores, _voted
 from ponder.think.voting import tally
 
 
@@ -38,7 +38,7 @@ def program_of_thought(s: ThinkSession, n: int = 8, timeout: float = 5.0, scorer
     while len(candidates) < n:
         branches = s.fork(root, min(wave, n - len(candidates)))
         yield from s.generate(branches)
-        scores = (yield from s.score(branches, scorer)) if scorer is not None else [None] * len(branches)
+        scores = yield from _scores(s, branches, scorer)
         answers = run_programs([program_text(b.text) for b in branches], limits)
         s.extra_usage["sandbox_runs"] += len(branches)
         candidates += [Candidate(b.text, answer, score, b.finish_reason, b.num_output_tokens)

@@ -259,8 +259,13 @@ def _sample(s: ThinkSession, n: int) -> Gen[list[Sequence]]:
 
 
 def _candidates(s: ThinkSession, branches, scorer, extract) -> Gen[list[Candidate]]:
-    scores = (yield from s.score(branches, make_scorer(scorer))) if scorer is not None else [None] * len(branches)
+    scores = yield from _scores(s, branches, scorer)
     return [s.candidate(b, score, extract) for b, score in zip(branches, scores)]
+
+
+def _scores(s: ThinkSession, branches, scorer) -> Gen[list[float | None]]:
+    """Each branch's score by `scorer`, or None for each when there is no scorer."""
+    return (yield from s.score(branches, make_scorer(scorer))) if scorer is not None else [None] * len(branches)
 
 
 def _ballots(candidates: list[Candidate]) -> list[str | None]:
