@@ -9,7 +9,7 @@ import re
 from ponder.sampling_params import InvalidOption
 from ponder.think.primitives import Gen, ThinkSession
 from ponder.think.result import Candidate, ThinkResult
-from ponder.think.strategies import _ballots, _positive, _prepare, _sample, _scores, _voted
+from ponder.think.strategies import _ballots, _in_waves, _positive, _prepare, _sample, _scores, _voted
 from ponder.think.voting import tally
 
 
@@ -23,28 +23,22 @@ def program_of_thought(s: ThinkSession, n: int = 8, timeout: float = 5.0, scorer
     the programs come in waves and stop as adaptive consistency does (the same Beta rule at
     `confidence`), drawing the first samples of the n-sample pool (the same seeds)."""
     from ponder.think.sandbox import SandboxLimits
-    from ponder.think.strategies import majority_settled
 
     n = _positive(n, "n")
     wave = n if wave is None else _positive(wave, "wave")
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 60:
         raise InvalidOption("timeout", f"timeout must be in (0, 60] seconds, got {timeout!r}")
-    if not 0.5 <= confidence < 1.0:
-        raise InvalidOption("confidence", f"confidence must be in [0.5, 1), got {confidence!r}")
     scorer = _prepare(s, scorer)
     limits = SandboxLimits(wall_s=float(timeout), cpu_s=max(1, math.ceil(timeout)))
-    root = yield from s.start()
-    candidates: list[Candidate] = []
-    while len(candidates) < n:
-        branches = s.fork(root, min(wave, n - len(candidates)))
-        yield from s.generate(branches)
+
+    def judge(branches) -> Gen[list[Candidate]]:
         scores = yield from _scores(s, branches, scorer)
         answers = run_programs([program_text(b.text) for b in branches], limits)
         s.extra_usage["sandbox_runs"] += len(branches)
-        candidates += [Candidate(b.text, answer, score, b.finish_reason, b.num_output_tokens)
-                       for b, answer, score in zip(branches, answers, scores)]
-        if wave < n and majority_settled(tally(_ballots(candidates)), confidence):
-            break
+        return [Candidate(b.text, answer, score, b.finish_reason, b.num_output_tokens)
+                for b, answer, score in zip(branches, answers, scores)]
+
+    candidates = yield from _in_waves(s, n, wave, confidence, judge)
     if wave < n:
         s.emit("stopped", samples=len(candidates), of=n)
     return _voted("program-of-thought", candidates, tally(_ballots(candidates)))

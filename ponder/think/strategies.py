@@ -9,6 +9,7 @@ search-and-learn (N beams, width M, keep the top N/M), particle filtering as in 
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -213,20 +214,28 @@ def adaptive_consistency(s: ThinkSession, n: int = 16, wave: int = 4, confidence
     samples are those of a self-consistency pool in order (the same seeds), so it spends at most
     what self-consistency@n does."""
     n, wave = _positive(n, "n"), _positive(wave, "wave")
+    candidates = yield from _in_waves(s, n, wave, confidence,
+                                      lambda branches: [s.candidate(b, extract=extract) for b in branches])
+    s.emit("stopped", samples=len(candidates), of=n)
+    return _voted("adaptive-consistency", candidates, tally(_ballots(candidates)))
+
+
+def _in_waves(s: ThinkSession, n: int, wave: int, confidence: float, judge) -> Gen[list[Candidate]]:
+    """Up to n samples forked from the prompt in waves of `wave` (the first samples of an n-sample
+    pool: the same seeds); `judge(branches)` makes each wave's candidates (a list, or a generator
+    returning one), and sampling stops once `majority_settled` at `confidence`."""
     if not 0.5 <= confidence < 1.0:
         raise InvalidOption("confidence", f"confidence must be in [0.5, 1), got {confidence!r}")
     root = yield from s.start()
     candidates: list[Candidate] = []
-    votes: dict[str, float] = {}
     while len(candidates) < n:
         branches = s.fork(root, min(wave, n - len(candidates)))
         yield from s.generate(branches)
-        candidates += [s.candidate(b, extract=extract) for b in branches]
-        votes = tally(_ballots(candidates))
-        if majority_settled(votes, confidence):
+        judged = judge(branches)
+        candidates += (yield from judged) if inspect.isgenerator(judged) else judged
+        if majority_settled(tally(_ballots(candidates)), confidence):
             break
-    s.emit("stopped", samples=len(candidates), of=n)
-    return _voted("adaptive-consistency", candidates, votes)
+    return candidates
 
 
 def majority_settled(votes: dict[str, float], confidence: float) -> bool:
