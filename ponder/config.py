@@ -62,7 +62,7 @@ class EngineConfig:
     speculative_adaptive: bool = _option(True, "grow and shrink each sequence's draft length with its acceptance "
                                                "(LLMCad's fallback); off: always num_speculative_tokens")
     speculative_tree_width: int = _option(2, "tree: candidates under each node the draft expands, and nodes "
-                                             "expanded per depth")
+                                             "expanded per draft forward")
     prompt_lookup_min: int = _option(1, "ngram: shortest suffix looked up")
     prompt_lookup_max: int = _option(3, "ngram: longest suffix looked up")
     speculative_disable_by_batch_size: int = _option(4, "no drafts while more sequences than this decode "

@@ -8,10 +8,13 @@ rank and probability so far: a confident draft's first choice is accepted less o
 believes, its second choice more often. A child is never worth more than its parent, so the best
 `budget` nodes form a tree.
 
-Expansion is depth by depth: each round the draft runs on up to `width` nodes of the newest depth —
-those still among the best `budget` — and offers `width` candidates under each. Where the
-draft is sure, the tree grows deep like a chain; where it hesitates, it branches, and the target's
-token is more often among the branches than the chain's one guess.
+Expansion is best first: each round the draft runs on the `width` likeliest nodes not yet expanded
+among the best `budget - 1`, whatever their depth, and offers `width` candidates under each. Where
+the draft is sure, the tree grows deep like a chain; where it hesitates, it branches, and the
+target's token is more often among the branches than the chain's one guess. A sibling passed over
+while the chain was likelier still grows its own continuation once the chain's deep nodes are worth
+less than it (expanding the newest depth only, as EAGLE-2 does, leaves it a leaf: accepted, it adds
+one token).
 
 Nodes are numbered in the order they are offered, so a parent always precedes its children (the
 order the target verifies them in, and the order a chunk cut short keeps a valid tree).
@@ -67,7 +70,7 @@ class DraftTree:
         self.values: list[float] = []
         self.depths: list[int] = []
         self.odds: list[tuple[int, float]] = []   # per node: its rank among its siblings, its draft probability
-        self._newest: list[int] = []          # the nodes offered in the latest round
+        self._expanded: set[int] = set()      # the nodes the draft has run on
 
     def offer(self, parent: int, tokens: list[int], probs: list[float]) -> None:
         """Candidates under `parent` (ROOT or a node), best first; ones of probability 0 are dropped."""
@@ -81,16 +84,16 @@ class DraftTree:
                 self.values.append(base * chance)
                 self.depths.append(depth)
                 self.odds.append((rank, p))
-                self._newest.append(len(self.tokens) - 1)
 
     def to_expand(self) -> list[int]:
-        """The nodes of the newest round to run the draft on next: the best `width` that rank
-        among the best `budget - 1` nodes (a child of a lower one could not enter the tree)."""
-        ranked = self._ranked()[:self.budget - 1]
-        inside = set(ranked)
-        newest = sorted((n for n in self._newest if n in inside), key=lambda n: -self.values[n])[:self.width]
-        self._newest = []
-        return newest
+        """The nodes to run the draft on next: the best `width` not yet expanded among the best
+        `budget - 1` (a child of a lower one could not enter the tree). The draft forwards stop when
+        those are all expanded; at most `width * budget` nodes are (a bound, never a limit on depth:
+        the likeliest unexpanded node, the chain's tip most often, goes first in every round)."""
+        room = min(self.width, self.width * self.budget - len(self._expanded))
+        chosen = [n for n in self._ranked()[:self.budget - 1] if n not in self._expanded][:max(room, 0)]
+        self._expanded.update(chosen)
+        return chosen
 
     def _ranked(self) -> list[int]:
         # ties: the shallower first (a parent before a child of probability 1), then the earlier

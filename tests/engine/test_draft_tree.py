@@ -23,6 +23,19 @@ def test_a_sure_draft_grows_a_chain_and_a_hesitant_one_branches():
     assert tokens == [1, 2, 3, 4] and parents == [-1, -1, -1, 0]
 
 
+def test_a_sibling_passed_over_grows_once_it_is_the_likeliest_node_left():
+    tree = DraftTree(budget=4, width=1)
+    tree.offer(DraftTree.ROOT, [1, 2], [0.6, 0.4])
+    assert tree.to_expand() == [0]
+    tree.offer(0, [3, 4], [0.5, 0.1])                    # worth 0.3 and 0.06
+    assert tree.to_expand() == [1]      # the root's second choice (0.4), older than the newest depth's best (0.3)
+    tree.offer(1, [5], [0.9])                            # 0.36
+    assert tree.to_expand() == [4]
+    tokens, parents, _ = tree.select()
+    assert tokens == [1, 2, 3, 5] and parents == [-1, -1, 0, 1]
+    assert tree.to_expand() == []                        # the best budget - 1 are all expanded
+
+
 def test_nodes_of_probability_zero_are_not_offered_and_ties_keep_parents_first():
     tree = DraftTree(budget=3, width=2)
     tree.offer(DraftTree.ROOT, [7, 8], [1.0, 0.0])
