@@ -5,8 +5,8 @@ off) so both verify exactly `k` drafted tokens a forward; what differs is how ma
 target accepts. Prints per method: accepted drafts per target forward, tokens per forward (the
 accepted ones plus the one the forward draws itself), acceptance rate, decode tok/s, and checks the
 outputs are identical to plain decoding (`--check chain`: to the chain's, which skips the slow plain
-run; the chain's exactness against plain decoding is what the tests and the default check show). Acceptance counts do not depend on the machine's load;
-tok/s does (`--output` saves the JSON).
+run; the chain's own exactness is what the tests and the default check show). Acceptance counts do
+not depend on the machine's load; tok/s does (`--output` saves the JSON).
 
     .venv/bin/python benchmarks/spec_tree.py --k 4 --k 8 --output benchmarks/results/spec-tree-qwen1.5b.json
 
@@ -77,7 +77,8 @@ def main() -> None:
     for k in args.k or [4, 8]:
         row = {"k": k}
         for method, width in [("draft", 1)] + [("tree", w) for w in widths]:
-            name = method if len(widths) == 1 or method == "draft" else f"tree_w{width}"
+            suffix = f"_w{width}" if method == "tree" and len(widths) > 1 else ""
+            name = method + suffix
             llm = LLM(args.target, num_kv_blocks=1024, speculative_method=method, speculative_model=args.draft,
                       num_speculative_tokens=k, speculative_adaptive=False, speculative_tree_width=width)
             outputs, row[name] = measure(llm, prompts, args.max_tokens, args.sampled)
@@ -87,7 +88,6 @@ def main() -> None:
                 row[name]["identical_outputs"] = outputs == want
             del llm
             if method == "tree":
-                suffix = "" if name == "tree" else name[len("tree"):]
                 row["tree_over_chain_accepted" + suffix] = round(
                     row[name]["accepted_per_forward"] / max(row["draft"]["accepted_per_forward"], 1e-9), 3)
                 row["tree_over_chain_tokens" + suffix] = round(

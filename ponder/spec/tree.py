@@ -91,7 +91,7 @@ class DraftTree:
         those are all expanded; at most `width * budget` nodes are (a bound, never a limit on depth:
         the likeliest unexpanded node, the chain's tip most often, goes first in every round)."""
         room = min(self.width, self.width * self.budget - len(self._expanded))
-        chosen = [n for n in self._ranked()[:self.budget - 1] if n not in self._expanded][:max(room, 0)]
+        chosen = [n for n in self._ranked()[:self.budget - 1] if n not in self._expanded][:room]
         self._expanded.update(chosen)
         return chosen
 
