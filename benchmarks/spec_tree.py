@@ -66,7 +66,7 @@ def main() -> None:
     result = {"target": args.target, "draft": args.draft,
               "workload": f"humaneval[{args.first}:{args.first + args.prompts}]",
               "max_tokens": args.max_tokens, "tree_widths": widths,
-              "sampling": "seeded, the model's recommended settings" if args.sampled else "greedy",
+              "sampling": "greedy",
               "outputs_checked_against": args.check, "runs": []}
     want = None
     if args.check == "plain":
@@ -82,6 +82,8 @@ def main() -> None:
             llm = LLM(args.target, num_kv_blocks=1024, speculative_method=method, speculative_model=args.draft,
                       num_speculative_tokens=k, speculative_adaptive=False, speculative_tree_width=width)
             outputs, row[name] = measure(llm, prompts, args.max_tokens, args.sampled)
+            if args.sampled:            # the settings themselves, as the plain run used to record them
+                result["sampling"] = dict(llm.engine.sampling_defaults)
             if args.check == "chain" and method == "draft":
                 want = outputs          # (the chain's own check would compare it with itself)
             else:
