@@ -11,8 +11,19 @@ from ponder.think.answers import answers_equal
 from ponder.think.voting import pass_at_k, tally, winner
 
 VOTE_TEMPERATURES = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)    # the weighted votes' softmax temperatures tried
-# adaptive consistency's (wave, confidence) tried; (4, 0.95) is the paper's
-ADAPTIVE_SETTINGS = tuple((w, c) for w in (2, 4) for c in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95))
+# adaptive consistency's (stopping rule, wave, confidence) tried; ("beta", 4, 0.95) is the paper's. The
+# window rule (ESC) has no confidence.
+ADAPTIVE_SETTINGS = (tuple((rule, w, c) for rule in ("beta", "dirichlet") for w in (2, 4)
+                           for c in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95))
+                     + tuple(("window", w, None) for w in (2, 3, 4)))
+TOKEN_SHARE = 0.5          # the share of maj@all's tokens the most accurate cheap setting is chosen under
+
+
+def setting_name(rule: str, wave: int, confidence: float | None) -> str:
+    """A setting's key in the reports ("wave4@0.6" is the Beta rule's, as it always was)."""
+    if rule == "window":
+        return f"window-wave{wave}"
+    return f"{'' if rule == 'beta' else rule + '-'}wave{wave}@{confidence}"
 
 
 @dataclass
@@ -30,7 +41,7 @@ class Sample:
 
 
 def summarize(rows: list[dict], samples: int, vote_temperature: float | None = None,
-              adaptive: tuple[int, float] | None = None) -> dict:
+              adaptive: tuple[str, int, float | None] | None = None) -> dict:
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= samples]
     pools = [[Sample(**s) for s in row["samples"]] for row in rows]
     greedy = [row["greedy"]["correct"] for row in rows]
@@ -56,27 +67,34 @@ def summarize(rows: list[dict], samples: int, vote_temperature: float | None = N
     return report
 
 
-def adaptive_report(pools: list[list[Sample]], rows: list[dict], chosen: tuple[int, float] | None) -> dict:
-    """Adaptive consistency replayed on the pool: with `chosen` (wave, confidence), picked on the
-    tuning split, that one against maj@all, paired; without, the paper's (4, 0.95) and the table
-    over ADAPTIVE_SETTINGS, with the cheapest setting within a point of maj@all."""
+def adaptive_report(pools: list[list[Sample]], rows: list[dict],
+                    chosen: tuple[str, int, float | None] | None) -> dict:
+    """Adaptive consistency replayed on the pool: with `chosen` (rule, wave, confidence), picked on
+    the tuning split, that one against maj@all, paired; without, the paper's setting and the table
+    over ADAPTIVE_SETTINGS, naming the cheapest setting within a point of maj@all (`best_adaptive`)
+    and the most accurate one under TOKEN_SHARE of its tokens (`best_adaptive_under_share`; ties:
+    the cheaper)."""
     full = [majority_correct(p, r["reference"]) for p, r in zip(pools, rows)]
     full_tokens = sum(s.tokens for p in pools for s in p)
 
-    def replay(wave: int, confidence: float) -> dict:
-        runs = [adaptive_on_pool(pool, row["reference"], wave, confidence) for pool, row in zip(pools, rows)]
+    def replay(rule: str, wave: int, confidence: float | None) -> dict:
+        runs = [adaptive_on_pool(pool, row["reference"], wave, confidence, rule) for pool, row in zip(pools, rows)]
         tokens = sum(t for _, t in runs)
-        return {**rate(sum(c for c, _ in runs), len(rows)), "wave": wave, "confidence": confidence,
+        return {**rate(sum(c for c, _ in runs), len(rows)), "stopping": rule, "wave": wave, "confidence": confidence,
                 "generated_tokens_per_problem": round(tokens / max(len(rows), 1), 1),
                 "tokens_vs_maj@all": round(tokens / max(full_tokens, 1), 4),
                 "vs_maj@all": paired_difference([c for c, _ in runs], full)}
 
     if chosen is not None:
         return {"adaptive_consistency": replay(*chosen)}
-    table = {f"wave{w}@{c}": replay(w, c) for w, c in ADAPTIVE_SETTINGS}
+    table = {setting_name(*setting): replay(*setting) for setting in ADAPTIVE_SETTINGS}
     near = [key for key, r in table.items() if r["correct"] >= sum(full) - 0.01 * len(rows)]
+    cheap = [key for key, r in table.items() if r["tokens_vs_maj@all"] <= TOKEN_SHARE]
     return {"adaptive_consistency": table["wave4@0.95"], "adaptive@": table,
-            "best_adaptive": min(near, key=lambda key: table[key]["tokens_vs_maj@all"]) if near else None}
+            "best_adaptive": min(near, key=lambda key: table[key]["tokens_vs_maj@all"]) if near else None,
+            "best_adaptive_under_share": max(cheap, key=lambda key: (table[key]["correct"],
+                                                                     -table[key]["tokens_vs_maj@all"]))
+            if cheap else None}
 
 
 def weighted_votes(pools: list[list[Sample]], rows: list[dict], ks: list[int],
@@ -106,21 +124,21 @@ def weighted_votes(pools: list[list[Sample]], rows: list[dict], ks: list[int],
     return out
 
 
-def adaptive_stop(pool: list[Sample], wave: int = 4, confidence: float = 0.95) -> int:
+def adaptive_stop(pool: list[Sample], wave: int = 4, confidence: float | None = 0.95, stopping: str = "beta") -> int:
     """How many of the pool's samples adaptive consistency draws (in waves) before it stops."""
-    from ponder.think.strategies import majority_settled
+    from ponder.think.stopping import settled
 
     for end in range(wave, len(pool) + 1, wave):
-        if majority_settled(tally(ballots(pool[:end])), confidence):
+        if settled(stopping, ballots(pool[:end]), wave, confidence):
             return end
     return len(pool)
 
 
 def adaptive_on_pool(pool: list[Sample], reference: str | None, wave: int = 4,
-                     confidence: float = 0.95) -> tuple[bool, int]:
+                     confidence: float | None = 0.95, stopping: str = "beta") -> tuple[bool, int]:
     """Adaptive consistency replayed on the pool in order (the strategy draws the same samples):
     whether its answer is right, and the tokens it generated before stopping."""
-    taken = adaptive_stop(pool, wave, confidence)
+    taken = adaptive_stop(pool, wave, confidence, stopping)
     return majority_correct(pool[:taken], reference), sum(s.tokens for s in pool[:taken])
 
 

@@ -23,6 +23,7 @@ from dataclasses import asdict
 from ponder.bench.pool_stats import (ADAPTIVE_SETTINGS, VOTE_TEMPERATURES, Sample, adaptive_stop, ballots,
                                      compare_pools, plot_accuracy_vs_tokens, summarize)
 from ponder.think.answers import answers_equal, extract_after_hashes
+from ponder.think.stopping import STOPPING_RULES
 from ponder.think.voting import tally, winner
 
 QWEN_MATH_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -66,6 +67,8 @@ def add_parser(cmds) -> argparse.ArgumentParser:
                    help="adaptive consistency's wave and stopping confidence to report against maj@all; choose "
                         "them on the tuning split (default: the paper's 4 and 0.95, and the table over %s)"
                         % (ADAPTIVE_SETTINGS,))
+    p.add_argument("--stopping", choices=STOPPING_RULES, default="beta",
+                   help="the stopping rule of --adaptive (think/stopping.py; window ignores the confidence)")
     p.add_argument("--against", default=None, metavar="PROGRESS",
                    help="another pool's progress file (other settings: a style, a prompt) to compare maj@k with, "
                         "paired on the problems both hold")
@@ -91,7 +94,6 @@ def cmd_think(args) -> int:
     from ponder import LLM
     from ponder.config import engine_options
 
-    llm = LLM(args.model, **engine_options(args))
     problems = load_split(args.data, args.split, args.limit)
     sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k))
                 if v is not None}
@@ -104,6 +106,8 @@ def cmd_think(args) -> int:
                 **({"score": args.score} if args.score != "none" else {})}
     done = resume(args.progress, settings, "index")
     todo = [p for p in problems if p["index"] not in done]
+    # (a finished pool is reported without loading the model, unless the live check needs it)
+    llm = LLM(args.model, **engine_options(args)) if todo or args.live_check else None
     for start in range(0, len(todo), args.batch):
         for row in run_problems(llm, todo[start:start + args.batch], args, sampling):
             keep(done, row, "index", args.progress, settings)
@@ -124,13 +128,14 @@ def cmd_think(args) -> int:
     return 0
 
 
-def _adaptive_setting(args) -> tuple[int, float] | None:
+def _adaptive_setting(args) -> tuple[str, int, float] | None:
+    """(stopping rule, wave, confidence) from --stopping and --adaptive, or None."""
     if getattr(args, "adaptive", None) is None:
         return None
     wave, confidence = args.adaptive
     if wave != int(wave) or wave < 1 or not 0.5 <= confidence < 1:
         raise SystemExit(f"--adaptive: a wave >= 1 (an integer) and a confidence in [0.5, 1), got {args.adaptive}")
-    return int(wave), confidence
+    return getattr(args, "stopping", "beta"), int(wave), confidence
 
 
 def keep(done: dict, row: dict, key: str, path: str | None, settings: dict) -> None:
@@ -190,20 +195,21 @@ def live_check(llm, problems: list[dict], rows: list[dict], args, sampling: dict
     against what the pool (`rows`, the same problems first) says they give: the answer and the
     generated tokens of each."""
     prompts = _messages(problems, args)
-    wave, confidence = _adaptive_setting(args) or (4, 0.95)
+    stopping, wave, confidence = _adaptive_setting(args) or ("beta", 4, 0.95)
     options = {"n": args.samples, "max_tokens": args.max_tokens, "seed": args.seed, **sampling}
+    waves = {"wave": wave, "confidence": confidence, "stopping": stopping}
     if getattr(args, "style", "cot") == "pal":
         live = {"program-of-thought": llm.think(prompts, "program-of-thought", **options),
-                "adaptive": llm.think(prompts, "program-of-thought", wave=wave, confidence=confidence, **options)}
+                "adaptive": llm.think(prompts, "program-of-thought", **waves, **options)}
     else:
         live = {"self-consistency": llm.think(prompts, "self-consistency", **options),
-                "adaptive": llm.think(prompts, "adaptive-consistency", wave=wave, confidence=confidence, **options)}
+                "adaptive": llm.think(prompts, "adaptive-consistency", **waves, **options)}
     checks = {}
     for name, results in live.items():
         same = []
         for result, row in zip(results, rows):
             pool = [Sample(**s) for s in row["samples"]]
-            taken = adaptive_stop(pool, wave, confidence) if name == "adaptive" else len(pool)
+            taken = adaptive_stop(pool, wave, confidence, stopping) if name == "adaptive" else len(pool)
             expected = winner(tally(ballots(pool[:taken])))
             same.append({"answer": result.final_answer == expected,
                          "tokens": result.usage.get("generated_tokens") == sum(s.tokens for s in pool[:taken])})

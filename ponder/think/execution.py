@@ -14,13 +14,13 @@ from ponder.think.voting import tally
 
 
 def program_of_thought(s: ThinkSession, n: int = 8, timeout: float = 5.0, scorer=None, wave: int | None = None,
-                       confidence: float = 0.95) -> Gen[ThinkResult]:
+                       confidence: float = 0.95, stopping: str = "beta") -> Gen[ThinkResult]:
     """Program-of-thought voting (PAL): each of n samples is a Python program (its last ```python
     block, else its whole text); the sandbox runs them all at once, and the last number each
     prints is its vote. A program that fails, times out or prints no number casts none; so does
     one cut at max_tokens. The prompt asks for the program (the caller's part). A `scorer` scores
     each program's trace (the candidates' scores; the vote stays one per program). With `wave`,
-    the programs come in waves and stop as adaptive consistency does (the same Beta rule at
+    the programs come in waves and stop as adaptive consistency does (the same `stopping` rule at
     `confidence`), drawing the first samples of the n-sample pool (the same seeds)."""
     from ponder.think.sandbox import SandboxLimits
 
@@ -38,7 +38,7 @@ def program_of_thought(s: ThinkSession, n: int = 8, timeout: float = 5.0, scorer
         return [Candidate(b.text, answer, score, b.finish_reason, b.num_output_tokens)
                 for b, answer, score in zip(branches, answers, scores)]
 
-    candidates = yield from _in_waves(s, n, wave, confidence, judge)
+    candidates = yield from _in_waves(s, n, wave, confidence, judge, stopping)
     if wave < n:
         s.emit("stopped", samples=len(candidates), of=n)
     return _voted("program-of-thought", candidates, tally(_ballots(candidates)))

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from ponder.sampling_params import InvalidOption
 from ponder.think.scorers import SCORER_NAMES
+from ponder.think.stopping import STOPPING_RULES
 from ponder.think.catalog import STRATEGIES
 
 MAX_BRANCHES = 1024            # most branches one option (n, warmup) may ask for
@@ -100,6 +101,8 @@ OPTIONS = {o.name: o for o in [
                    ("completion", "instruct")),
     StrategyOption("confidence", _number, float, "adaptive consistency, program of thought in waves: "
                                                  "posterior that the leading answer leads, to stop"),
+    StrategyOption("stopping", _string, str, "adaptive consistency, program of thought in waves: when sampling "
+                                             "stops (think/stopping.py)", STOPPING_RULES),
     StrategyOption("vote", _string, str, "self-consistency: how answers are counted", ("majority", "weighted")),
     StrategyOption("scorer", _scorer, str, ", ".join(SCORER_NAMES)),
     StrategyOption("reference", _reference, str, "parallel: the right answer, for pass@k"),

@@ -22,6 +22,7 @@ from ponder.think.confidence import ConfidenceTrace
 from ponder.think.primitives import Gen, ThinkSession, softmax
 from ponder.think.result import Candidate, ThinkResult
 from ponder.think.scorers import ConfidenceScorer, make_scorer
+from ponder.think.stopping import STOPPING_RULES, settled
 from ponder.think.voting import pass_at_k, tally, winner
 
 Extract = Callable[[str], "str | None"]
@@ -207,25 +208,30 @@ def particle_filtering(s: ThinkSession, n: int = 8, scorer="self-eval", delimite
 
 
 def adaptive_consistency(s: ThinkSession, n: int = 16, wave: int = 4, confidence: float = 0.95,
-                         extract: Extract = extract_answer) -> Gen[ThinkResult]:
+                         stopping: str = "beta", extract: Extract = extract_answer) -> Gen[ThinkResult]:
     """Self-consistency that stops early (Adaptive-Consistency, Aggarwal et al. 2023): samples come
-    in waves of `wave`, and sampling stops once the leading answer is, with posterior probability
-    ≥ `confidence`, more likely than the runner-up (a Beta stopping rule), or after n samples. The
-    samples are those of a self-consistency pool in order (the same seeds), so it spends at most
-    what self-consistency@n does."""
+    in waves of `wave`, and sampling stops once the `stopping` rule (think/stopping.py) says the vote
+    is settled — by default once the leading answer is, with posterior probability ≥ `confidence`,
+    more likely than the runner-up (the Beta rule) — or after n samples. The samples are those of a
+    self-consistency pool in order (the same seeds), so it spends at most what self-consistency@n
+    does."""
     n, wave = _positive(n, "n"), _positive(wave, "wave")
     candidates = yield from _in_waves(s, n, wave, confidence,
-                                      lambda branches: [s.candidate(b, extract=extract) for b in branches])
+                                      lambda branches: [s.candidate(b, extract=extract) for b in branches],
+                                      stopping)
     s.emit("stopped", samples=len(candidates), of=n)
     return _voted("adaptive-consistency", candidates, tally(_ballots(candidates)))
 
 
-def _in_waves(s: ThinkSession, n: int, wave: int, confidence: float, judge) -> Gen[list[Candidate]]:
+def _in_waves(s: ThinkSession, n: int, wave: int, confidence: float, judge,
+              stopping: str = "beta") -> Gen[list[Candidate]]:
     """Up to n samples forked from the prompt in waves of `wave` (the first samples of an n-sample
     pool: the same seeds); `judge(branches)` makes each wave's candidates (a list, or a generator
-    returning one), and sampling stops once `majority_settled` at `confidence`."""
+    returning one), and sampling stops once the `stopping` rule is `settled` at `confidence`."""
     if not 0.5 <= confidence < 1.0:
         raise InvalidOption("confidence", f"confidence must be in [0.5, 1), got {confidence!r}")
+    if stopping not in STOPPING_RULES:
+        raise InvalidOption("stopping", f"stopping must be one of {', '.join(STOPPING_RULES)}, got {stopping!r}")
     root = yield from s.start()
     candidates: list[Candidate] = []
     while len(candidates) < n:
@@ -233,20 +239,9 @@ def _in_waves(s: ThinkSession, n: int, wave: int, confidence: float, judge) -> G
         yield from s.generate(branches)
         judged = judge(branches)
         candidates += (yield from judged) if inspect.isgenerator(judged) else judged
-        if majority_settled(tally(_ballots(candidates)), confidence):
+        if settled(stopping, _ballots(candidates), wave, confidence):
             break
     return candidates
-
-
-def majority_settled(votes: dict[str, float], confidence: float) -> bool:
-    """P(p_top > p_second) ≥ confidence, with p_top / (p_top + p_second) ~ Beta(a + 1, b + 1) for
-    a and b the two largest vote counts: that is P(Binomial(a + b + 1, 1/2) ≤ a)."""
-    counts = sorted((int(v) for v in votes.values()), reverse=True)
-    if not counts:
-        return False
-    a, b = counts[0], counts[1] if len(counts) > 1 else 0
-    trials = a + b + 1
-    return sum(math.comb(trials, j) for j in range(a + 1)) / 2 ** trials >= confidence
 
 
 # -- shared pieces ----------------------------------------------------------------------------

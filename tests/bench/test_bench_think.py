@@ -169,7 +169,11 @@ def test_adaptive_settings_table_names_the_cheapest_within_a_point_and_a_chosen_
     assert table["wave4@0.95"]["tokens_vs_maj@all"] < 1 and report["adaptive_consistency"] == table["wave4@0.95"]
     assert table["wave2@0.5"]["correct"] == 2 and table["wave2@0.5"]["tokens_vs_maj@all"] == round(40 / 320, 4)
     assert report["best_adaptive"] == "wave2@0.5"                    # the cheapest that loses nothing here
-    chosen = summarize([first, second], 16, adaptive=(4, 0.8))
+    assert table["window-wave2"]["tokens_vs_maj@all"] == round(40 / 320, 4)      # ESC: both first waves agree
+    assert table["window-wave4"]["tokens_vs_maj@all"] == round(160 / 320, 4)     # neither first wave of 4 does
+    assert table["dirichlet-wave4@0.8"]["tokens_vs_maj@all"] == round((80 + 80) / 320, 4)  # 3-1: 0.75 < 0.8
+    assert report["best_adaptive_under_share"] == "wave2@0.5"        # right on both, cheapest, listed first
+    chosen = summarize([first, second], 16, adaptive=("beta", 4, 0.8))
     assert "adaptive@" not in chosen and chosen["adaptive_consistency"]["wave"] == 4
     assert chosen["adaptive_consistency"]["vs_maj@all"]["difference"] == 0.0
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ponder import SamplingParams
+from ponder.sampling_params import InvalidOption
 from ponder.think import ThinkSession, exact_match, extract_answer
 from ponder.think.confidence import trace_confidence
 from ponder.think.scorers import RewardModelScorer, SelfEvalScorer, evaluation_suffix
@@ -242,13 +243,42 @@ def test_confidence_kinds():
 
 # -- adaptive consistency ----------------------------------------------------------------------------
 def test_beta_stopping_rule():
-    from ponder.think.strategies import majority_settled
+    from ponder.think.stopping import majority_settled
 
     assert not majority_settled({}, 0.95)
     assert not majority_settled({"1": 3}, 0.95)          # P(Bin(4, 1/2) <= 3) = 15/16
     assert majority_settled({"1": 4}, 0.95)              # 31/32
     assert not majority_settled({"1": 6, "2": 4}, 0.95)
     assert majority_settled({"1": 12, "2": 2}, 0.95)
+
+
+def test_dirichlet_rule_counts_every_answer_seen_and_one_not_yet_seen():
+    import random
+
+    from ponder.think.stopping import dirichlet_settled, leader_probability, majority_settled
+
+    for a in range(6):                    # one answer: Dirichlet(a + 1, 1), so P = 1 - 2^-(a + 1), as Beta's
+        assert leader_probability((a,)) == pytest.approx(1 - 0.5 ** (a + 1), abs=1e-5)
+    rng, draws, wins = random.Random(0), 100_000, 0
+    for _ in range(draws):                # (5, 3, 2, 1) against a Monte Carlo estimate of the same posterior
+        x = [rng.gammavariate(alpha, 1.0) for alpha in (6, 4, 3, 2, 1)]
+        wins += x[0] > max(x[1:])
+    assert leader_probability((5, 3, 2, 1)) == pytest.approx(wins / draws, abs=0.01)
+    assert leader_probability((2, 2)) < 0.5                   # a tie never leads
+    spread = {"7": 3, "1": 1}
+    assert majority_settled(spread, 0.8) and dirichlet_settled(spread, 0.6) and not dirichlet_settled(spread, 0.8)
+    assert not dirichlet_settled({}, 0.5)
+
+
+def test_window_rule_stops_on_a_wave_that_agrees_entirely():
+    from ponder.think.stopping import settled
+
+    assert settled("window", ["3", "7", "7", "7"], 2, 0.95)
+    assert not settled("window", ["7", "7", "3", "7"], 2, 0.95)
+    assert not settled("window", ["7", None], 2, 0.95)        # a sample without a vote breaks agreement
+    assert not settled("window", ["7"], 2, 0.95)
+    with pytest.raises(ValueError, match="stopping rule"):
+        settled("vibes", ["7"], 1, 0.95)
 
 
 UNANIMOUS = {">": {"4": 1.0}, "4": {"EOS": 1.0}}
@@ -261,6 +291,14 @@ def test_adaptive_consistency_stops_early_on_agreement_and_spends_what_sc_would(
     s = _session(engine)
     result = s.run(adaptive_consistency(s, n=16, wave=2))
     assert result.final_answer == "4" and len(result.candidates) == 4   # 2 agree: 7/8; 4 agree: 31/32 >= 0.95
+    _finish(s, engine)
+    s = _session(engine)
+    result = s.run(adaptive_consistency(s, n=16, wave=2, stopping="window"))
+    assert result.final_answer == "4" and len(result.candidates) == 2   # the first wave agrees: ESC stops
+    _finish(s, engine)
+    s = _session(engine)
+    with pytest.raises(InvalidOption, match="stopping"):
+        s.run(adaptive_consistency(s, n=16, stopping="vibes"))
     _finish(s, engine)
 
 
@@ -317,7 +355,7 @@ def test_program_of_thought_scores_each_program_and_still_votes_one_each(make_bi
 
 def test_program_of_thought_in_waves_stops_once_settled_on_the_pool_s_first_programs(make_bigram_engine):
     from ponder.think.execution import program_of_thought
-    from ponder.think.strategies import majority_settled
+    from ponder.think.stopping import majority_settled
 
     engine = make_bigram_engine(PROGRAMS)
     s = _session(engine)
