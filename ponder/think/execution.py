@@ -57,11 +57,15 @@ def run_programs(programs: list[str], limits) -> list[str | None]:
 
 
 def program_text(text: str) -> str:
-    """The program in a reply: its last fenced ```python (or bare ```) block, else all of it."""
+    """The program in a reply: its last fenced ```python (or bare ```) block; else what follows an
+    opening fence never closed (the reply ended inside the block); else all of it."""
     import re
 
     blocks = re.findall(r"```(?:python|py)?[ \t]*\n(.*?)```", text, flags=re.DOTALL)
-    return blocks[-1] if blocks else text
+    if blocks:
+        return blocks[-1]
+    unclosed = re.search(r"```(?:python|py)?[ \t]*\n(.*)\Z", text, flags=re.DOTALL)
+    return unclosed.group(1) if unclosed else text
 
 
 def extract_last_number_answer(stdout: str) -> str | None:

@@ -378,6 +378,7 @@ def test_program_text_takes_the_last_fenced_block():
     reply = "First:\n```python\nprint(1)\n```\nBetter:\n```python\nx = 2\nprint(x * 21)\n```\nDone."
     assert program_text(reply) == "x = 2\nprint(x * 21)\n"
     assert program_text("print(5)") == "print(5)"
+    assert program_text("Here:\n```python\nprint(6 * 7)\n") == "print(6 * 7)\n"     # the fence never closed
 
 
 # -- self-certainty ----------------------------------------------------------------------------------
