@@ -267,6 +267,7 @@ def test_streamed_beam_search_sends_its_own_events(server, client):
     ({"strategy": "self-consistency", "n": "four"}, {}, "ponder.n"),
     ({"strategy": "self-consistency", "width": 2}, {}, "ponder.width"),
     ({"strategy": "self-consistency", "vote": "plurality"}, {}, "ponder.vote"),   # checked by the strategy
+    ({"strategy": "adaptive-consistency", "stopping": "vibes"}, {}, "ponder.stopping"),   # and this
     ({"strategy": "best-of-n", "scorer": "vibes"}, {}, "ponder.scorer"),
     ({"strategy": "self-consistency", "temperature": -1}, {}, "ponder.temperature"),
     ({"strategy": "self-consistency", "extract": "x"}, {}, "ponder.extract"),
