@@ -35,6 +35,10 @@ PAL_USER = ("{question}\n\nWrite a Python program that solves this problem and p
 # (benchmarks/results/think-pal-prompt-tune-qwen0.5b.json)
 STYLES = {"cot": (QWEN_MATH_PROMPT, "{question}"), "pal": (PAL_PROMPT, PAL_USER)}
 SPLITS = {"dev": (0, 200), "tune": (200, 800)}
+# greedy is the argmax at every step: no repetition penalty (the model's recommended sampling, Qwen's
+# generation_config, has one; it lowers what the question's own numbers score). A saved row whose
+# greedy lacks this key was decoded with the recommended penalty, and its greedy is decoded again.
+GREEDY_REPETITION_PENALTY = 1.0
 
 
 def add_parser(cmds) -> argparse.ArgumentParser:
@@ -106,8 +110,13 @@ def cmd_think(args) -> int:
                 **({"score": args.score} if args.score != "none" else {})}
     done = resume(args.progress, settings, "index")
     todo = [p for p in problems if p["index"] not in done]
+    stale = [p for p in problems if p["index"] in done and not _greedy_current(done[p["index"]])]
     # (a finished pool is reported without loading the model, unless the live check needs it)
-    llm = LLM(args.model, **engine_options(args)) if todo or args.live_check else None
+    llm = LLM(args.model, **engine_options(args)) if todo or stale or args.live_check else None
+    for start in range(0, len(stale), 4 * args.batch):
+        for row in with_greedy_again(llm, stale[start:start + 4 * args.batch], done, args):
+            keep(done, row, "index", args.progress, settings)
+        print(f"greedy decoded again: {min(start + 4 * args.batch, len(stale))}/{len(stale)}", flush=True)
     for start in range(0, len(todo), args.batch):
         for row in run_problems(llm, todo[start:start + args.batch], args, sampling):
             keep(done, row, "index", args.progress, settings)
@@ -122,6 +131,7 @@ def cmd_think(args) -> int:
     if args.live_check:
         report["live_check"] = live_check(llm, problems[:args.live_check], [done[p["index"]] for p in problems],
                                           args, sampling)
+    report["greedy"]["repetition_penalty"] = GREEDY_REPETITION_PENALTY
     write_report({**report, "settings": settings}, args.output)
     if args.output:
         plot_accuracy_vs_tokens(report, os.path.splitext(args.output)[0] + ".png")
@@ -153,13 +163,35 @@ def write_report(report: dict, path: str | None) -> None:
             json.dump(report, f, indent=1)
 
 
+def _greedy_current(row: dict) -> bool:
+    return row["greedy"].get("repetition_penalty") == GREEDY_REPETITION_PENALTY
+
+
+def run_greedy(llm, problems: list[dict], args) -> list[dict]:
+    """Each problem's greedy row (the argmax at every step; pal: the program it writes, run)."""
+    prompts = _messages(problems, args)
+    pal = getattr(args, "style", "cot") == "pal"
+    argmax = {"temperature": 0.0, "repetition_penalty": GREEDY_REPETITION_PENALTY, "max_tokens": args.max_tokens}
+    results = (llm.think(prompts, "program-of-thought", n=1, **argmax) if pal
+               else llm.think(prompts, "greedy", **argmax))
+    return [{**_row(Sample(g.final_answer, g.candidates[0].finish_reason if g.candidates else None,
+                           g.usage.get("generated_tokens", 0), answers_equal(g.final_answer, p["reference"]),
+                           text=g.candidates[0].text if pal and g.candidates else None)),
+             "repetition_penalty": GREEDY_REPETITION_PENALTY}
+            for p, g in zip(problems, results)]
+
+
+def with_greedy_again(llm, problems: list[dict], done: dict, args) -> list[dict]:
+    """The saved rows of these problems with their greedy decoded again (the pool kept as drawn)."""
+    return [{**done[p["index"]], "greedy": greedy} for p, greedy in zip(problems, run_greedy(llm, problems, args))]
+
+
 def run_problems(llm, problems: list[dict], args, sampling: dict) -> list[dict]:
     """Greedy and the seeded pool of each problem (the problems of a batch run together)."""
     prompts = _messages(problems, args)
     pal = getattr(args, "style", "cot") == "pal"
     start = time.perf_counter()
-    greedy = (llm.think(prompts, "program-of-thought", n=1, temperature=0.0, max_tokens=args.max_tokens) if pal
-              else llm.think(prompts, "greedy", max_tokens=args.max_tokens))
+    greedy = run_greedy(llm, problems, args)
     # one seed for all: a problem's pool depends only on (seed, prompt), whatever it runs beside
     score = getattr(args, "score", "none")
     pools = llm.think(prompts, "program-of-thought" if pal else "parallel", n=args.samples,
@@ -171,11 +203,7 @@ def run_problems(llm, problems: list[dict], args, sampling: dict) -> list[dict]:
         samples = [Sample(c.answer, c.finish_reason, c.num_tokens, answers_equal(c.answer, p["reference"]),
                           None if c.score is None else round(float(c.score), 5), c.text if pal else None)
                    for c in pool.candidates]
-        rows.append({"index": p["index"], "reference": p["reference"],
-                     "greedy": _row(Sample(g.final_answer, g.candidates[0].finish_reason if g.candidates else None,
-                                           g.usage.get("generated_tokens", 0),
-                                           answers_equal(g.final_answer, p["reference"]),
-                                           text=g.candidates[0].text if pal and g.candidates else None)),
+        rows.append({"index": p["index"], "reference": p["reference"], "greedy": g,
                      "samples": [_row(s) for s in samples], "usage": pool.usage, "wall_s": round(wall, 2)})
     return rows
 

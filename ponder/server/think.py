@@ -24,8 +24,7 @@ from ponder.think.options import OPTIONS, check_option, options_of
 from ponder.think.catalog import STRATEGIES
 
 # body fields plain sampling has and a think request cannot honour (n: use ponder.n)
-_PLAIN_ONLY = ("stop", "stop_token_ids", "logit_bias", "presence_penalty", "frequency_penalty",
-               "repetition_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output",
+_PLAIN_ONLY = ("stop", "stop_token_ids", "logit_bias", "presence_penalty", "frequency_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output",
                "skip_special_tokens", "top_logprobs", "tools")
 
 
@@ -37,7 +36,8 @@ def strategy_options(strategy: str) -> list[str]:
 
 def think_options(body: ChatCompletionRequest, prompt_len: int, limits: EngineLimits) -> dict:
     """{"strategy": name, **options} for AsyncEngine.think: the `ponder` object checked, with the
-    body's temperature, top_p, top_k, min_p, seed and max_tokens unless `ponder` sets them.
+    body's temperature, top_p, top_k, min_p, repetition_penalty, seed and max_tokens unless `ponder`
+    sets them.
     Raises APIError(400) naming the field at fault."""
     ponder = body.ponder
     for name in _PLAIN_ONLY:
@@ -80,7 +80,7 @@ def think_options(body: ChatCompletionRequest, prompt_len: int, limits: EngineLi
     if name == "particle-filtering" and options.get("scorer", "self-eval") != "self-eval":
         raise invalid("particle filtering needs rewards in [0, 1]: of the named scorers only 'self-eval' "
                       f"gives them, got {options['scorer']!r}", "ponder.scorer")
-    fields = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "min_p", "seed",
+    fields = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
                                             "max_tokens", "max_completion_tokens")}
     _, merged = think_options_from_body({**fields, "ponder": options})
     origin = {k: f"ponder.{k}" if k in options else k for k in merged}
@@ -157,7 +157,8 @@ class ThinkRenderer:
 # -- OpenAI shapes of think requests and results -----------------------------------------------
 def think_options_from_body(body: dict) -> tuple[str, dict]:
     """(strategy, options) from an OpenAI chat request with a `"ponder": {"strategy": ...}` field;
-    temperature, top_p, seed and max_tokens of the body apply unless "ponder" sets them."""
+    temperature, top_p, top_k, min_p, repetition_penalty, seed and max_tokens of the body apply unless
+    "ponder" sets them."""
     ponder = body.get("ponder")
     if not isinstance(ponder, dict):
         raise ValueError('"ponder" must be an object like {"strategy": "self-consistency", "n": 8}')
@@ -165,7 +166,7 @@ def think_options_from_body(body: dict) -> tuple[str, dict]:
     strategy = options.pop("strategy", DEFAULT_STRATEGY)
     if not isinstance(strategy, str):
         raise ValueError('"ponder.strategy" must be a string')
-    for key in ("temperature", "top_p", "top_k", "min_p", "seed"):
+    for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"):
         if body.get(key) is not None:
             options.setdefault(key, body[key])
     max_tokens = body.get("max_completion_tokens")

@@ -19,7 +19,8 @@ from ponder.think.voting import tally, winner
 
 DEFAULT_STRATEGY = "self-consistency"
 # the sampling fields a think request may set; unset ones come from the engine's sampling_defaults
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "structured_outputs")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed",
+                   "structured_outputs")
 THINK_MAX_TOKENS = 512          # per branch, unless max_tokens is set
 ALIASES = {"sc": "self-consistency", "ac": "adaptive-consistency", "bon": "best-of-n", "beam": "beam-search",
            "pf": "particle-filtering", "pal": "program-of-thought", "pot": "program-of-thought"}

@@ -12,6 +12,7 @@ from ponder.bench import pool_stats, think_eval
 from ponder.bench.pool_stats import Sample, paired_difference, summarize, wilson
 from ponder.bench.think_eval import run_problems
 from ponder.llm import LLM
+from ponder.think.answers import extract_answer
 
 
 def test_wilson_interval_matches_the_formula():
@@ -71,6 +72,36 @@ def test_a_problem_s_pool_does_not_depend_on_its_batch(make_tiny_engine, problem
     assert [len(r["samples"]) for r in together] == [4, 4, 4]
     assert together[1]["samples"] == alone[0]["samples"]
     assert together[1]["greedy"] == alone[0]["greedy"]
+
+
+def test_greedy_is_the_argmax_even_where_the_model_recommends_a_repetition_penalty(make_tiny_engine, problems):
+    from ponder import SamplingParams
+
+    engine = make_tiny_engine()
+    engine.sampling_defaults = {**engine.sampling_defaults, "repetition_penalty": 3.0}    # as Qwen's (1.05), larger
+    llm = LLM.from_engine(engine)
+    args = _args(max_tokens=12)
+    [greedy] = think_eval.run_greedy(llm, problems[:1], args)
+    prompt = llm.chat_prompt(think_eval._messages(problems[:1], args)[0])
+    argmax = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12))[0].outputs[0]
+    penalized = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12,
+                                                      repetition_penalty=3.0))[0].outputs[0]
+    assert argmax.token_ids != penalized.token_ids               # the penalty matters on this model
+    assert greedy["tokens"] == len(argmax.token_ids) and greedy["repetition_penalty"] == 1.0
+    assert greedy["answer"] == extract_answer(argmax.text)
+
+
+def test_a_saved_row_with_the_old_greedy_gets_its_greedy_again_and_keeps_its_pool(make_tiny_engine, problems):
+    llm = LLM.from_engine(make_tiny_engine(weights="q8_0"))
+    saved = {p["index"]: {"index": p["index"], "reference": p["reference"],
+                          "greedy": {"answer": "?", "finish_reason": "stop", "tokens": 1, "correct": False},
+                          "samples": [{"answer": "9", "finish_reason": "stop", "tokens": 5, "correct": False}]}
+             for p in problems}
+    assert not think_eval._greedy_current(saved[0])
+    rows = think_eval.with_greedy_again(llm, problems[:2], saved, _args())
+    fresh = run_problems(llm, problems[:2], _args(), {"temperature": 1.0})
+    assert [r["samples"] for r in rows] == [saved[0]["samples"], saved[1]["samples"]]
+    assert [r["greedy"] for r in rows] == [r["greedy"] for r in fresh] and think_eval._greedy_current(rows[0])
 
 
 def test_weighted_votes_from_the_pool_sharpen_with_the_temperature():

@@ -47,11 +47,25 @@ def test_bad_options_are_rejected_before_anything_runs(make_tiny_engine):
     engine.pool.check_empty()
 
 
+def test_a_think_request_sets_its_repetition_penalty_for_every_branch(make_tiny_engine):
+    engine = make_tiny_engine()
+    engine.sampling_defaults = {**engine.sampling_defaults, "repetition_penalty": 3.0}   # a model's default
+    llm = LLM.from_engine(engine)
+    ids = list(range(1, 12))
+    plain = {rp: llm.generate([ids], SamplingParams(temperature=0, max_tokens=10, repetition_penalty=rp))[0]
+             for rp in (1.0, 3.0)}
+    assert plain[1.0].outputs[0].text != plain[3.0].outputs[0].text
+    assert llm.think(ids, "greedy", max_tokens=10).answer == plain[3.0].outputs[0].text           # the default
+    assert llm.think(ids, "greedy", max_tokens=10, repetition_penalty=1.0).answer == plain[1.0].outputs[0].text
+    engine.pool.check_empty()
+
+
 def test_server_helpers(make_tiny_engine):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 6,
-            "temperature": 0.5, "ponder": {"strategy": "self-consistency", "n": 3}}
+            "temperature": 0.5, "repetition_penalty": 1.1, "ponder": {"strategy": "self-consistency", "n": 3}}
     strategy, options = think_options_from_body(body)
-    assert strategy == "self-consistency" and options == {"n": 3, "temperature": 0.5, "max_tokens": 6}
+    assert strategy == "self-consistency"
+    assert options == {"n": 3, "temperature": 0.5, "repetition_penalty": 1.1, "max_tokens": 6}
     engine = make_tiny_engine()
     result = run_think_request(engine, body["messages"], {"strategy": strategy, **options})
     response = chat_completion_response(result, "tiny", "chatcmpl-1")
