@@ -24,8 +24,8 @@ from ponder.think.options import OPTIONS, check_option, options_of
 from ponder.think.catalog import STRATEGIES
 
 # body fields plain sampling has and a think request cannot honour (n: use ponder.n)
-_PLAIN_ONLY = ("stop", "stop_token_ids", "logit_bias", "presence_penalty", "frequency_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output",
-               "skip_special_tokens", "top_logprobs", "tools")
+_PLAIN_ONLY = ("stop", "stop_token_ids", "logit_bias", "presence_penalty", "frequency_penalty", "min_tokens",
+               "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "top_logprobs", "tools")
 
 
 # -- checking the ponder object ---------------------------------------------------------------------
