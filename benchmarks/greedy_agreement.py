@@ -16,7 +16,6 @@ the reply token's) says whether that was a near-tie (a small margin) or a real e
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 from ponder.bench.peers import hf_model_folder
@@ -25,15 +24,6 @@ from ponder.config import EngineConfig
 from ponder.model.loader import load_tokenizer, resolve_model_path
 
 NEAR_TIE = 0.5          # a reference logit margin below this is a near-tie
-
-
-def replies_by_engine(path: str) -> dict[str, dict[int, dict]]:
-    rows: dict[str, dict[int, dict]] = {}
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            rows.setdefault(row["engine"], {})[row["index"]] = row
-    return rows
 
 
 def agreement(model, tokenizer, question: str, reply: str, system: str) -> dict:
@@ -81,15 +71,15 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ponder.bench.think_eval import load_split
-    from think_greedy_peers import DATA
+    from ponder.bench.think_eval import load_split, write_report
+    from think_greedy_peers import DATA, load_progress
 
     config = EngineConfig()
     folder = hf_model_folder(resolve_model_path(args.model, config.cache_dir), config.cache_dir)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(args.model, config.cache_dir)      # the GGUF's own, as every engine reads it
     questions = {p["index"]: p["question"] for p in load_split(DATA, "dev", None) + load_split(DATA, "tune", None)}
-    replies = replies_by_engine(args.replies)
+    replies = load_progress(args.replies)
     out = {"model": args.model, "reference": "transformers fp32, the GGUF dequantized", "near_tie": NEAR_TIE,
            "engines": {}}
     for engine in args.engine or list(replies):
@@ -98,10 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
                        for i in indices]
         out["engines"][engine] = summarize(per_problem)
         print(engine, out["engines"][engine], flush=True)
-    print(json.dumps(out, indent=1))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(out, f, indent=1)
+    write_report(out, args.output)
     return out
 
 

@@ -29,7 +29,7 @@ import httpx
 
 from ponder.bench.peers import llama_server, ponder_server
 from ponder.bench.pool_stats import paired_difference, rate
-from ponder.bench.think_eval import QWEN_MATH_PROMPT, load_split
+from ponder.bench.think_eval import QWEN_MATH_PROMPT, load_split, write_report
 from ponder.config import EngineConfig
 from ponder.model.loader import resolve_model_path
 from ponder.think.answers import answers_equal, extract_answer
@@ -159,10 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.pool) as f:
             pool = {r["index"]: r["greedy"] for r in map(json.loads, f)}
     out = report(rows, problems, pool, settings)
-    print(json.dumps(out, indent=1))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(out, f, indent=1)
+    write_report(out, args.output)
     return out
 
 
