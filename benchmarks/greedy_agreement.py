@@ -19,7 +19,7 @@ import argparse
 import statistics
 
 from ponder.bench.peers import hf_model_folder
-from ponder.bench.think_eval import QWEN_MATH_PROMPT
+from ponder.bench.think_eval import GSM8K_DATA, QWEN_MATH_PROMPT, chat_messages, load_split, write_report
 from ponder.config import EngineConfig
 from ponder.model.loader import load_tokenizer, resolve_model_path
 
@@ -30,8 +30,8 @@ def agreement(model, tokenizer, question: str, reply: str, system: str) -> dict:
     """Positions of the reply where its token is the reference's argmax, and the margins where not."""
     import torch
 
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
-    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(chat_messages(question, system),
+                                                            add_generation_prompt=True))
     reply_ids = tokenizer.encode(reply, add_special_tokens=False)
     ids = torch.tensor([list(prompt) + reply_ids])
     with torch.no_grad():
@@ -71,14 +71,13 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ponder.bench.think_eval import load_split, write_report
-    from think_greedy_peers import DATA, load_progress
+    from think_greedy_peers import load_progress
 
     config = EngineConfig()
     folder = hf_model_folder(resolve_model_path(args.model, config.cache_dir), config.cache_dir)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(args.model, config.cache_dir)      # the GGUF's own, as every engine reads it
-    questions = {p["index"]: p["question"] for p in load_split(DATA, "dev", None) + load_split(DATA, "tune", None)}
+    questions = {p["index"]: p["question"] for p in load_split(GSM8K_DATA, "dev", None) + load_split(GSM8K_DATA, "tune", None)}
     replies = load_progress(args.replies)
     out = {"model": args.model, "reference": "transformers fp32, the GGUF dequantized", "near_tie": NEAR_TIE,
            "engines": {}}

@@ -29,24 +29,17 @@ import httpx
 
 from ponder.bench.peers import llama_server, ponder_server
 from ponder.bench.pool_stats import paired_difference, rate
-from ponder.bench.think_eval import QWEN_MATH_PROMPT, load_split, write_report
+from ponder.bench.think_eval import GSM8K_DATA, QWEN_MATH_PROMPT, chat_messages, load_split, write_report
 from ponder.config import EngineConfig
 from ponder.model.loader import resolve_model_path
 from ponder.think.answers import answers_equal, extract_answer
-
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k", "test_dev.jsonl")
-
-
-def messages(question: str, system: str) -> list[dict]:
-    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
-
 
 async def ask_all(base_url: str, model: str, problems: list[dict], done: set[int], args, record) -> None:
     """Greedy replies to the problems not yet done, `args.concurrency` in flight; `record(row)` each."""
     limit = asyncio.Semaphore(args.concurrency)
 
     async def one(client: httpx.AsyncClient, problem: dict) -> None:
-        body = {"model": model, "messages": messages(problem["question"], args.system),
+        body = {"model": model, "messages": chat_messages(problem["question"], args.system),
                 "max_tokens": args.max_tokens, "temperature": 0.0,
                 **({} if args.repetition_penalty is None else {"repetition_penalty": args.repetition_penalty})}
         async with limit:
@@ -102,7 +95,7 @@ def report(rows: dict[str, dict[int, dict]], problems: list[dict], pool: dict[in
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    parser.add_argument("--data", default=DATA)
+    parser.add_argument("--data", default=GSM8K_DATA)
     parser.add_argument("--split", default="dev", choices=("dev", "tune"))
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--peer", action="append", default=[], choices=("llama.cpp", "ponder"),

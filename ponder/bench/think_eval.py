@@ -39,12 +39,12 @@ SPLITS = {"dev": (0, 200), "tune": (200, 800)}
 # generation_config, has one; it lowers what the question's own numbers score). A saved row whose
 # greedy lacks this key was decoded with the recommended penalty, and its greedy is decoded again.
 GREEDY_REPETITION_PENALTY = 1.0
+GSM8K_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "gsm8k", "test_dev.jsonl")
 
 
 def add_parser(cmds) -> argparse.ArgumentParser:
     p = cmds.add_parser("think", help="GSM8K from one seeded pool: greedy, pass@k, maj@k with intervals")
-    p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data",
-                                                 "gsm8k", "test_dev.jsonl"))
+    p.add_argument("--data", default=GSM8K_DATA)
     p.add_argument("--split", choices=sorted(SPLITS), default="dev")
     p.add_argument("--limit", type=int, default=None, help="first N problems of the split")
     p.add_argument("--samples", type=int, default=16)
@@ -212,10 +212,13 @@ def _row(sample: Sample) -> dict:
     return {k: v for k, v in asdict(sample).items() if k != "text" or v is not None}
 
 
+def chat_messages(question: str, system: str, user: str = "{question}") -> list[dict]:
+    """How a GSM8K question is asked: the system prompt, then the user turn (a template of {question})."""
+    return [{"role": "system", "content": system}, {"role": "user", "content": user.format(question=question)}]
+
+
 def _messages(problems: list[dict], args) -> list[list[dict]]:
-    user = getattr(args, "user", "{question}")
-    return [[{"role": "system", "content": args.system}, {"role": "user", "content": user.format(question=p["question"])}]
-            for p in problems]
+    return [chat_messages(p["question"], args.system, getattr(args, "user", "{question}")) for p in problems]
 
 
 def live_check(llm, problems: list[dict], rows: list[dict], args, sampling: dict) -> dict:

@@ -28,6 +28,10 @@ _PLAIN_ONLY = ("stop", "stop_token_ids", "logit_bias", "presence_penalty", "freq
                "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "top_logprobs", "tools")
 
 
+# body sampling fields a think request takes unless "ponder" sets them (max_tokens: the body's either field)
+_BODY_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+
+
 # -- checking the ponder object ---------------------------------------------------------------------
 def strategy_options(strategy: str) -> list[str]:
     """The options of a strategy settable over HTTP (its own, then the sampling ones)."""
@@ -80,8 +84,7 @@ def think_options(body: ChatCompletionRequest, prompt_len: int, limits: EngineLi
     if name == "particle-filtering" and options.get("scorer", "self-eval") != "self-eval":
         raise invalid("particle filtering needs rewards in [0, 1]: of the named scorers only 'self-eval' "
                       f"gives them, got {options['scorer']!r}", "ponder.scorer")
-    fields = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
-                                            "max_tokens", "max_completion_tokens")}
+    fields = {k: getattr(body, k) for k in _BODY_SAMPLING + ("max_tokens", "max_completion_tokens")}
     _, merged = think_options_from_body({**fields, "ponder": options})
     origin = {k: f"ponder.{k}" if k in options else k for k in merged}
     max_tokens, max_tokens_field = body._max_tokens()
@@ -166,7 +169,7 @@ def think_options_from_body(body: dict) -> tuple[str, dict]:
     strategy = options.pop("strategy", DEFAULT_STRATEGY)
     if not isinstance(strategy, str):
         raise ValueError('"ponder.strategy" must be a string')
-    for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"):
+    for key in _BODY_SAMPLING:
         if body.get(key) is not None:
             options.setdefault(key, body[key])
     max_tokens = body.get("max_completion_tokens")

@@ -17,19 +17,13 @@ from functools import lru_cache
 
 from ponder.think.voting import tally
 
-STOPPING_RULES = ("beta", "dirichlet", "window")
-
 
 def settled(rule: str, ballots: list[str | None], wave: int, confidence: float) -> bool:
     """Whether sampling stops after these ballots (None: a sample that casts no vote), the last
     `wave` of them the wave just drawn."""
-    if rule == "beta":
-        return majority_settled(tally(ballots), confidence)
-    if rule == "dirichlet":
-        return dirichlet_settled(tally(ballots), confidence)
-    if rule == "window":
-        return window_settled(ballots, wave)
-    raise ValueError(f"unknown stopping rule {rule!r}: one of {', '.join(STOPPING_RULES)}")
+    if rule not in _RULES:
+        raise ValueError(f"unknown stopping rule {rule!r}: one of {', '.join(STOPPING_RULES)}")
+    return _RULES[rule](ballots, wave, confidence)
 
 
 def majority_settled(votes: dict[str, float], confidence: float) -> bool:
@@ -82,3 +76,10 @@ def gamma_cdf(alpha: int, x: float) -> float:
 def window_settled(ballots: list[str | None], wave: int) -> bool:
     last = ballots[-wave:]
     return len(ballots) >= wave and last[0] is not None and all(b == last[0] for b in last)
+
+
+# rule -> settled(ballots, wave, confidence)
+_RULES = {"beta": lambda ballots, wave, confidence: majority_settled(tally(ballots), confidence),
+          "dirichlet": lambda ballots, wave, confidence: dirichlet_settled(tally(ballots), confidence),
+          "window": lambda ballots, wave, confidence: window_settled(ballots, wave)}
+STOPPING_RULES = tuple(_RULES)
